@@ -1,0 +1,80 @@
+"""Telephone audio: G.711 mu-law <-> 16-bit PCM, and resampling with soxr.
+
+Twilio Media Streams carry 8 kHz mu-law in 20 ms frames (160 bytes). The asr
+model takes 16 kHz int16; the tts model returns int16 at its own rate. The
+mu-law codec is two lookup tables (ITU-T G.711), so a frame costs one numpy
+indexing operation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+
+TWILIO_RATE = 8000
+ASR_RATE = 16000
+FRAME_MS = 20
+FRAME_BYTES = TWILIO_RATE * FRAME_MS // 1000  # 160 mu-law bytes per 20 ms frame
+MULAW_SILENCE = 0xFF
+
+_BIAS = 0x84
+
+
+def _decode_table() -> np.ndarray:
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    sign, exponent, mantissa = u & 0x80, (u >> 4) & 0x07, u & 0x0F
+    magnitude = (((mantissa << 3) + _BIAS) << exponent) - _BIAS
+    return np.where(sign != 0, -magnitude, magnitude).astype(np.int16)
+
+
+def _encode_table() -> np.ndarray:
+    pcm = np.arange(-32768, 32768, dtype=np.int32) >> 2  # G.711 works on 14-bit magnitudes
+    mask = np.where(pcm < 0, 0x7F, 0xFF)
+    magnitude = np.minimum(np.abs(pcm), 8159) + 0x21
+    segment = np.searchsorted(np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF]), magnitude)
+    code = np.where(segment > 7, 0x7F, (segment << 4) | ((magnitude >> (segment + 1)) & 0x0F))
+    return (code ^ mask).astype(np.uint8)
+
+
+_DECODE = _decode_table()
+_ENCODE = _encode_table()
+
+
+def mulaw_to_pcm(data: bytes) -> np.ndarray:
+    """mu-law bytes -> int16 samples at the same rate."""
+    return _DECODE[np.frombuffer(data, dtype=np.uint8)]
+
+
+def pcm_to_mulaw(samples: np.ndarray) -> bytes:
+    """int16 samples -> mu-law bytes at the same rate."""
+    return _ENCODE[samples.astype(np.int32) + 32768].tobytes()
+
+
+def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """One-shot resampling of a whole int16 clip (for streams use `Resampler`)."""
+    if from_rate == to_rate:
+        return samples.astype(np.int16)
+    return soxr.resample(samples.astype(np.int16), from_rate, to_rate)
+
+
+class Resampler:
+    """Streaming int16 resampler: keeps its filter state across chunks, so chunk edges do not click."""
+
+    def __init__(self, from_rate: int, to_rate: int):
+        self.identity = from_rate == to_rate
+        self._stream = None if self.identity else soxr.ResampleStream(from_rate, to_rate, 1, dtype="int16")
+
+    def __call__(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
+        if self.identity:
+            return samples.astype(np.int16)
+        return self._stream.resample_chunk(samples.astype(np.int16), last=last)
+
+
+def phone_line(samples: np.ndarray, rate: int) -> bytes:
+    """What a caller's audio becomes on a phone line: 8 kHz mu-law (tests and the call simulator use it)."""
+    return pcm_to_mulaw(resample(samples, rate, TWILIO_RATE))
+
+
+def has_sound(samples: np.ndarray, threshold: int = 300) -> bool:
+    """True when a PCM chunk is more than line noise (peak above ~1% of full scale)."""
+    return samples.size > 0 and int(np.max(np.abs(samples.astype(np.int32)))) > threshold
