@@ -88,7 +88,9 @@ class TritonServer:
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(_wheel_libs()), env.get("LD_LIBRARY_PATH")]))
+        # the stub must load this interpreter's libpython (not the system's), then the wheel's own libraries
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [sysconfig.get_config_var("LIBDIR"), str(_wheel_libs()),
+                                                               env.get("LD_LIBRARY_PATH")]))
         # the stub runs the models in this interpreter's environment
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         out = open(self.log_file, "ab") if self.log_file else None

@@ -38,7 +38,7 @@ class TritonPythonModel(StreamingModel):
 
     def stream(self, job, is_cancelled):
         words, rate = job
-        for audio in self.engine.synthesize(words, rate):
+        for audio in self.engine.synthesize(words, rate, is_cancelled):
             yield {"AUDIO": audio.astype(np.int16), "SAMPLE_RATE": np.array([self.engine.sample_rate], np.int32)}
 
     def closing_outputs(self, job, reason):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -18,11 +18,15 @@ class PiperEngine:
         self.voice = PiperVoice.load(model, config_path=config)
         self.sample_rate = int(self.voice.config.sample_rate)
 
-    def synthesize(self, text: str, rate: float) -> Iterator[np.ndarray]:
+    def synthesize(self, text: str, rate: float,
+                   is_cancelled: Callable[[], bool] = lambda: False) -> Iterator[np.ndarray]:
         from piper import SynthesisConfig
 
-        config = SynthesisConfig(length_scale=1.0 / rate)
-        for chunk in self.voice.synthesize(text, syn_config=config):
+        sentences = self.voice.synthesize(text, syn_config=SynthesisConfig(length_scale=1.0 / rate))
+        while not is_cancelled():  # checked before each sentence is synthesized, not after
+            chunk = next(sentences, None)
+            if chunk is None:
+                return
             yield chunk.audio_int16_array
 
 

@@ -1,0 +1,78 @@
+"""Outbound pacing, marks and what the caller heard; the clause chunker."""
+
+import asyncio
+import time
+
+import numpy as np
+
+from edge.audio import FRAME_BYTES
+from edge.clauses import ClauseChunker, speakable
+from edge.playback import Playback
+
+
+class Wire:
+    """Stands in for Twilio's socket in these unit tests: records what the pacer sends and when."""
+
+    def __init__(self):
+        self.frames: list[tuple[float, bytes]] = []
+        self.marks: list[str] = []
+
+    async def media(self, frame: bytes):
+        self.frames.append((time.monotonic(), frame))
+
+    async def mark(self, name: str):
+        self.marks.append(name)
+
+
+async def test_frames_are_160_bytes_paced_at_20ms_with_a_mark_after_each_chunk():
+    wire = Wire()
+    playback = Playback(wire.media, wire.mark, lead_ms=40)
+    pacer = asyncio.create_task(playback.run())
+    playback.enqueue("Hello there.", bytes(range(256)) * 25)  # 6400 bytes = 40 frames
+    playback.enqueue("How are you?", b"\x7f" * 1000)  # 7 frames, the last padded
+    while len(wire.marks) < 2:
+        await asyncio.sleep(0.02)
+    pacer.cancel()
+    assert len(wire.frames) == 47
+    assert all(len(f) == FRAME_BYTES for _, f in wire.frames)
+    assert wire.marks == ["m1", "m2"]
+    times = np.array([t for t, _ in wire.frames])
+    # absolute clock: frame n leaves at start + n*20 ms - lead, so the whole run spans (47-1-2)*20 ms
+    span = times[-1] - times[2]
+    assert abs(span - 44 * 0.020) < 0.03, span
+    assert np.median(np.diff(times[3:])) > 0.015
+
+
+async def test_echoed_marks_decide_what_was_heard_and_clear_keeps_only_that():
+    wire = Wire()
+    playback = Playback(wire.media, wire.mark, lead_ms=0)
+    pacer = asyncio.create_task(playback.run())
+    playback.enqueue("First clause here.", b"\xff" * 1600)  # 0.2 s
+    playback.enqueue("second clause with eight words in it now", b"\xff" * 8000)  # 1 s
+    while "m1" not in wire.marks:
+        await asyncio.sleep(0.01)
+    playback.marked("m1")
+    assert playback.speaking
+    await asyncio.sleep(0.5)  # about half of the second chunk played
+    heard = playback.clear()
+    pacer.cancel()
+    assert heard.cut is not None and heard.cut.text.startswith("second")
+    assert 2 <= len(heard.text.split()) <= 6, heard.text
+    assert not playback.speaking
+    playback.marked("m2")  # echoed after the clear: not played, and nothing to drop
+    assert not playback.speaking
+
+
+def test_first_clause_is_cut_early_and_later_ones_at_sentence_ends():
+    chunker = ClauseChunker()
+    out = []
+    for delta in ["Sure", ",", " I can", " help", " with that", ", of course", ". Your", " order ships",
+                  " tomorrow", ", and it", " arrives", " Friday!", " Anything", " else"]:
+        out += chunker.push(delta)
+    out += chunker.flush()
+    assert out == ["Sure, I can help with that,", "of course.", "Your order ships tomorrow, and it arrives Friday!",
+                   "Anything else"]
+
+
+def test_speakable_drops_markdown_and_emoji():
+    assert speakable("**Great** news 🎉 - see `below`") == "Great news - see below"
