@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import numpy as np
@@ -87,21 +88,25 @@ class Triton:
                   _input("TEMPERATURE", np.array([temperature], np.float32), "FP32")]
         if stop:
             inputs.append(_bytes_input("STOP", stop))
-        async for result in self._stream({"model_name": "llm", "inputs": inputs, "request_id": request_id}):
-            delta = _text(result, "TEXT")
-            if delta:
-                yield delta
+        async with aclosing(self._stream({"model_name": "llm", "inputs": inputs, "request_id": request_id})) as results:
+            async for result in results:
+                delta = _text(result, "TEXT")
+                if delta:
+                    yield delta
 
     async def tts(self, text: str, rate: float = 1.0, voice: str | None = None,
                   request_id: str = "") -> AsyncIterator[tuple[np.ndarray, int]]:
-        """(int16 samples, sample rate) pieces of the spoken text, as the engine produces them."""
+        """(int16 samples, sample rate) pieces of the spoken text, as the engine produces them.
+
+        Close the iteration (`aclosing`, or let the task be cancelled) to cancel the request."""
         inputs = [_bytes_input("TEXT", [text]), _input("RATE", np.array([rate], np.float32), "FP32")]
         if voice:
             inputs.append(_bytes_input("VOICE", [voice]))
-        async for result in self._stream({"model_name": "tts", "inputs": inputs, "request_id": request_id}):
-            samples = result.as_numpy("AUDIO")
-            if samples is not None and samples.size:
-                yield samples.astype(np.int16), int(result.as_numpy("SAMPLE_RATE")[0])
+        async with aclosing(self._stream({"model_name": "tts", "inputs": inputs, "request_id": request_id})) as results:
+            async for result in results:
+                samples = result.as_numpy("AUDIO")
+                if samples is not None and samples.size:
+                    yield samples.astype(np.int16), int(result.as_numpy("SAMPLE_RATE")[0])
 
     def asr(self, call_id: str) -> "AsrStream":
         return AsrStream(self.client, call_id)

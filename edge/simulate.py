@@ -1,0 +1,585 @@
+"""A Twilio call simulator: plays Twilio's side of a Media Stream against the edge, and times it.
+
+    python -m edge.simulate --url ws://127.0.0.1:8080/media --wav a.wav --wav b.wav
+    python -m edge.simulate --twiml-url http://127.0.0.1:8080/twiml --auth-token ... --wav a.wav
+
+Like Twilio it (optionally) fetches the TwiML from the signed webhook, opens the
+signed WebSocket, sends `connected` and `start`, then one 20 ms `media` frame
+of caller audio every 20 ms on an absolute clock (speech or line silence,
+never a gap), and plays the agent's audio back in real time: a playback buffer
+drained at 8000 samples/s, each `mark` echoed once the audio queued before it
+has played, `clear` dropping the buffer and echoing pending marks at once.
+The caller speaks its turns after the agent's reply has finished (plus a pause),
+after fixed gaps, or N ms into the reply (barge-in). Everything is timed on one
+clock: seconds since the `start` message. `run_call()` is the API the tests
+and the load generator use; the CLI prints `CallReport.summary()` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+import wave
+import xml.etree.ElementTree as ET
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import aiohttp
+import numpy as np
+
+from edge import audio, protocol
+from edge.signature import SIGNATURE_HEADER, sign, sign_websocket
+
+FRAME = audio.FRAME_BYTES  # 160 mu-law bytes = 20 ms
+FRAME_S = audio.FRAME_MS / 1000
+SILENCE = bytes([audio.MULAW_SILENCE]) * FRAME
+
+
+@dataclass
+class CallerTurn:
+    """What the caller says in one turn, and when it says it."""
+    audio: np.ndarray  # 8 kHz int16
+    name: str = ""
+    barge_in_ms: float | None = None  # start this long after the agent's reply is first heard (interrupting it)
+    pause_ms: float | None = None  # overrides run_call's pause_ms for this turn
+    dtmf: str = ""  # digits pressed as the turn starts
+
+
+TurnLike = Union[CallerTurn, np.ndarray, str, Path]
+
+
+@dataclass
+class Frame:
+    """One agent `media` message as it arrived."""
+    t: float
+    nbytes: int
+    audible: bool
+    buffered_ms: float  # audio queued for playback once it arrived (how far ahead of real time the edge is)
+
+
+@dataclass
+class MarkEcho:
+    t: float
+    name: str
+    played: bool  # False: echoed because a clear dropped the audio before it
+
+
+@dataclass
+class TurnReport:
+    index: int
+    name: str
+    started_at: float
+    ended_at: float | None = None
+    speech_start: float | None = None  # send time of the turn's first frame with sound
+    speech_end: float | None = None  # end of the turn's last frame with sound (the caller's last syllable)
+    barge_in: bool = False  # the agent was audible when the turn started
+    reply_first_frame_at: float | None = None  # arrival of the agent's first audible frame after speech_end
+    reply_first_heard_at: float | None = None  # when that audio was played to the caller
+    voice_to_voice_ms: float | None = None  # speech_end -> reply_first_frame_at (what the edge controls)
+    heard_voice_to_voice_ms: float | None = None  # speech_end -> reply_first_heard_at (what the caller hears)
+    reply_frames: int = 0
+    reply_audio_ms: float = 0.0
+    reply_max_gap_ms: float | None = None  # largest inter-arrival gap of the reply's frames
+    clears: int = 0
+    clear_after_speech_ms: float | None = None  # barge-in: caller speech onset -> first clear
+    marks_echoed: int = 0
+
+
+@dataclass
+class CallReport:
+    url: str
+    stream_sid: str
+    call_sid: str
+    account_sid: str
+    custom_parameters: dict[str, str]
+    started_unix: float = 0.0
+    duration: float = 0.0
+    turns: list[TurnReport] = field(default_factory=list)
+    greeting_first_frame_at: float | None = None
+    frames: list[Frame] = field(default_factory=list)
+    marks_received: list[tuple[float, str]] = field(default_factory=list)
+    marks_echoed: list[MarkEcho] = field(default_factory=list)
+    clears: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    closed_by: str = "caller"
+    max_tick_lag_ms: float = 0.0  # the simulator's own lateness: large values make its timings unreliable
+    heard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # the agent as heard, 8 kHz
+    caller: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # what the caller sent, 8 kHz
+
+    def summary(self) -> dict:
+        gaps = np.diff([f.t for f in self.frames]) * 1000 if len(self.frames) > 1 else np.zeros(0)
+        return {
+            "url": self.url, "stream_sid": self.stream_sid, "call_sid": self.call_sid,
+            "duration_s": round(self.duration, 3), "closed_by": self.closed_by,
+            "greeting_first_frame_at": _round(self.greeting_first_frame_at),
+            "turns": [{k: _round(v) for k, v in t.__dict__.items()} for t in self.turns],
+            "frames": len(self.frames),
+            "frame_bytes": dict(Counter(f.nbytes for f in self.frames)),
+            "frame_gap_ms": _stats(gaps),
+            "max_buffered_ms": _round(max((f.buffered_ms for f in self.frames), default=0.0)),
+            "marks_received": len(self.marks_received),
+            "marks_echoed_played": sum(m.played for m in self.marks_echoed),
+            "marks_echoed_cleared": sum(not m.played for m in self.marks_echoed),
+            "clears": len(self.clears),
+            "max_tick_lag_ms": _round(self.max_tick_lag_ms),
+            "errors": self.errors,
+        }
+
+    def write_wav(self, path: str | Path) -> None:
+        """The agent's audio as the caller heard it (silence where nothing played), 8 kHz mono."""
+        _write_wav(path, self.heard[:, None])
+
+    def write_conversation_wav(self, path: str | Path) -> None:
+        """Both sides on one timeline: caller left, agent right, 8 kHz stereo."""
+        n = max(len(self.heard), len(self.caller))
+        both = np.zeros((n, 2), np.int16)
+        both[:len(self.caller), 0], both[:len(self.heard), 1] = self.caller, self.heard
+        _write_wav(path, both)
+
+
+def _round(v):
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def _stats(values: np.ndarray) -> dict:
+    if not len(values):
+        return {}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2),
+            "max": round(float(values.max()), 2)}
+
+
+def _write_wav(path: str | Path, samples: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(samples.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(audio.TWILIO_RATE)
+        w.writeframes(samples.astype(np.int16).tobytes())
+
+
+def read_wav_8k(path: str | Path) -> np.ndarray:
+    """A 16-bit mono WAV as 8 kHz int16 (resampled with soxr when needed)."""
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2 or w.getnchannels() != 1:
+            raise ValueError(f"{path}: expected 16-bit mono")
+        samples, rate = np.frombuffer(w.readframes(w.getnframes()), np.int16), w.getframerate()
+    return audio.resample(samples, rate, audio.TWILIO_RATE)
+
+
+def _caller_turn(turn: TurnLike, index: int) -> CallerTurn:
+    if isinstance(turn, CallerTurn):
+        return turn
+    if isinstance(turn, (str, Path)):
+        return CallerTurn(read_wav_8k(turn), name=Path(turn).stem)
+    return CallerTurn(np.asarray(turn, np.int16), name=f"turn{index}")
+
+
+def _sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+class _Playback:
+    """Twilio's outbound buffer: audio and marks in arrival order, drained 160 bytes per 20 ms tick."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.queued = 0  # bytes ever queued
+        self.consumed = 0  # bytes played or dropped by a clear
+        self.marks: deque[tuple[int, str]] = deque()
+
+    def add(self, mulaw: bytes) -> None:
+        self.buffer += mulaw
+        self.queued += len(mulaw)
+
+    def mark(self, name: str) -> bool:
+        """Queue a mark; True when nothing is ahead of it, so it is echoed at once."""
+        if self.queued <= self.consumed and not self.marks:
+            return True
+        self.marks.append((self.queued, name))
+        return False
+
+    def clear(self) -> list[str]:
+        self.buffer.clear()
+        self.consumed = self.queued
+        names = [name for _, name in self.marks]
+        self.marks.clear()
+        return names
+
+    def tick(self) -> tuple[bytes, list[str]]:
+        """The next 20 ms the caller hears, and the marks whose audio has now all played."""
+        chunk = bytes(self.buffer[:FRAME])
+        del self.buffer[:FRAME]
+        self.consumed += len(chunk)
+        due = []
+        while self.marks and self.marks[0][0] <= self.consumed:
+            due.append(self.marks.popleft()[1])
+        return chunk + SILENCE[len(chunk):], due
+
+    @property
+    def buffered_ms(self) -> float:
+        return len(self.buffer) / audio.TWILIO_RATE * 1000
+
+
+class _Call:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, report: CallReport, turns: list[CallerTurn], *,
+                 wait_for_greeting: bool, wait_for_reply: bool, pause_ms: float, barge_in_ms: float | None,
+                 reply_timeout_s: float, tail_ms: float):
+        self.ws, self.report, self.turns = ws, report, turns
+        self.wait_for_greeting, self.wait_for_reply = wait_for_greeting, wait_for_reply
+        self.pause_ms, self.barge_in_ms = pause_ms, barge_in_ms
+        self.reply_timeout_s, self.tail_ms = reply_timeout_s, tail_ms
+        self.playback = _Playback()
+        self.loop = asyncio.get_running_loop()
+        self.t0 = 0.0
+        self.seq = 0
+        self.chunk = 0
+        self.heard: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.last_audible_heard: float | None = None
+        # the caller's side: which turn, which frame, and what the caller is waiting for
+        self.turn_index = 0
+        self.frame_index = -1  # -1: waiting to start turn_index
+        self.prepared = [_frames(turn.audio) for turn in turns]  # before the clock starts: no work at a turn's start
+        self.frames: list[bytes] = []
+        self.sounding: list[bool] = []
+        self.wait_ref = 0.0  # the agent's audio heard from this time on answers the caller (0: the greeting)
+        self.prev_end = 0.0  # when the caller's previous turn ended
+        self.reply_heard_at: float | None = None
+        self.done_at: float | None = None
+
+    def now(self) -> float:
+        return self.loop.time() - self.t0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    async def send(self, text: str) -> bool:
+        """Send unless the edge has gone (it may hang up at any moment)."""
+        if self.ws.closed:
+            return False
+        try:
+            await self.ws.send_str(text)
+            return True
+        except ConnectionError:
+            return False
+
+    async def run(self) -> None:
+        r = self.report
+        await self.send(protocol.connected_message())
+        self.t0 = self.loop.time()
+        r.started_unix = time.time()
+        await self.send(protocol.start_message(self.next_seq(), r.account_sid, r.stream_sid, r.call_sid,
+                                                      r.custom_parameters))
+        receiver = asyncio.create_task(self.receive())
+        try:
+            await self.line()
+            self.done_at = self.now()
+        finally:
+            await self.send(protocol.stop_message(self.next_seq(), r.stream_sid, r.account_sid, r.call_sid))
+            await self.ws.close()
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+            r.duration = self.now()
+            r.heard = audio.mulaw_to_pcm(b"".join(self.heard))
+            r.caller = audio.mulaw_to_pcm(b"".join(self.sent))
+            _finish_turns(r)
+
+    async def receive(self) -> None:
+        r = self.report
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                if msg.type == aiohttp.WSMsgType.ERROR:
+                    r.errors.append(f"websocket error: {self.ws.exception()}")
+                continue
+            t = self.now()
+            try:
+                m = protocol.parse_outbound(msg.data)
+            except protocol.ProtocolError as e:
+                r.errors.append(str(e))
+                continue
+            if m.stream_sid != r.stream_sid:
+                r.errors.append(f"{m.event} for stream {m.stream_sid!r}, not {r.stream_sid!r}")
+                continue
+            if m.event == "media":
+                payload = m.media.payload
+                self.playback.add(payload)
+                r.frames.append(Frame(t, len(payload), audio.has_sound(audio.mulaw_to_pcm(payload)),
+                                      self.playback.buffered_ms))
+            elif m.event == "mark":
+                r.marks_received.append((t, m.mark.name))
+                if self.playback.mark(m.mark.name):
+                    await self.echo(m.mark.name, played=True)
+            else:
+                r.clears.append(t)
+                for name in self.playback.clear():
+                    await self.echo(name, played=False)
+        if self.done_at is None:
+            self.report.closed_by = "edge"
+
+    async def echo(self, name: str, played: bool) -> None:
+        self.report.marks_echoed.append(MarkEcho(self.now(), name, played))
+        await self.send(protocol.mark_echo_message(self.next_seq(), self.report.stream_sid, name))
+
+    async def line(self) -> None:
+        """The 20 ms clock: each tick sends one frame of the caller and plays one frame of the agent."""
+        tick = 0
+        while not self.ws.closed:
+            target = self.t0 + tick * FRAME_S
+            delay = target - self.loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                self.report.max_tick_lag_ms = max(self.report.max_tick_lag_ms, -delay * 1000)
+            t = tick * FRAME_S  # the tick's nominal time: frames carry it as their timestamp
+            if not await self.speak(t):
+                return
+            await self.play(t)
+            tick += 1
+
+    async def play(self, t: float) -> None:
+        chunk, due = self.playback.tick()
+        self.heard.append(chunk)
+        if chunk != SILENCE and audio.has_sound(audio.mulaw_to_pcm(chunk)):
+            self.last_audible_heard = t + FRAME_S  # the end of this audible frame
+            if self.reply_heard_at is None and t >= self.wait_ref:
+                self.reply_heard_at = t
+                if self.report.turns:
+                    self.report.turns[-1].reply_first_heard_at = t
+        for name in due:
+            await self.echo(name, played=True)
+
+    async def speak(self, t: float) -> bool:
+        """Send the caller's frame for tick time `t`; False once the call is over."""
+        r = self.report
+        if self.frame_index < 0 and self.ready(t):
+            if self.turn_index == len(self.turns):
+                return False
+            turn = self.turns[self.turn_index]
+            self.frames, self.sounding = self.prepared[self.turn_index]
+            audible_now = self.last_audible_heard is not None and t - self.last_audible_heard < 0.08
+            r.turns.append(TurnReport(self.turn_index, turn.name, t, barge_in=audible_now))
+            self.wait_ref, self.reply_heard_at = float("inf"), None
+            for digit in turn.dtmf:
+                await self.send(protocol.dtmf_message(self.next_seq(), r.stream_sid, digit))
+            self.frame_index = 0
+        if self.frame_index >= 0:
+            frame, k = self.frames[self.frame_index], self.frame_index
+            report = r.turns[-1]
+            if self.sounding[k]:
+                if report.speech_start is None:
+                    report.speech_start = t
+                report.speech_end = t + FRAME_S
+                # a reply only counts once the caller has finished: start over if speech resumes
+                self.wait_ref, self.reply_heard_at, report.reply_first_heard_at = report.speech_end, None, None
+            self.frame_index += 1
+            if self.frame_index == len(self.frames):
+                report.ended_at = t + FRAME_S
+                if report.speech_end is None:  # a silent turn: wait for whatever the agent says next
+                    self.wait_ref = report.ended_at
+                self.prev_end = report.ended_at
+                self.frame_index, self.turn_index = -1, self.turn_index + 1
+        else:
+            frame = SILENCE
+        self.chunk += 1
+        self.sent.append(frame)
+        return await self.send(protocol.caller_media_message(self.next_seq(), r.stream_sid, self.chunk,
+                                                             round(t * 1000), frame))
+
+    def ready(self, t: float) -> bool:
+        """Whether the caller starts its next turn (or, after the last one, hangs up) at `t`."""
+        last = self.turn_index == len(self.turns)
+        turn = None if last else self.turns[self.turn_index]
+        pause = (turn.pause_ms if turn and turn.pause_ms is not None else self.pause_ms) / 1000
+        if last:
+            pause = max(pause, self.tail_ms / 1000)
+        first = self.turn_index == 0
+        waits_for_agent = self.wait_for_greeting if first else self.wait_for_reply
+        if not waits_for_agent:
+            return t >= self.prev_end + (0.0 if first else pause)
+        barge_in = None if last else (turn.barge_in_ms if turn.barge_in_ms is not None else self.barge_in_ms)
+        if self.reply_heard_at is None:  # the agent has not answered (yet)
+            return t >= self.wait_ref + self.reply_timeout_s
+        if barge_in is not None and not first:
+            return t >= self.reply_heard_at + barge_in / 1000
+        quiet = t - (self.last_audible_heard or 0.0)  # since the agent was last heard
+        return self.playback.buffered_ms == 0 and quiet >= pause
+
+
+def _frames(samples: np.ndarray) -> tuple[list[bytes], list[bool]]:
+    """A turn as the 20 ms mu-law frames the caller sends, and which of them carry sound."""
+    mulaw = audio.pcm_to_mulaw(samples)
+    mulaw += SILENCE[: -len(mulaw) % FRAME]
+    frames = [mulaw[i:i + FRAME] for i in range(0, len(mulaw), FRAME)]
+    return frames, [audio.has_sound(audio.mulaw_to_pcm(f)) for f in frames]
+
+
+def _finish_turns(r: CallReport) -> None:
+    """Attribute the agent's frames, clears and marks to the turn they answer (up to the next turn's start)."""
+    bounds = [t.started_at for t in r.turns] + [float("inf")]
+    audible = [f for f in r.frames if f.audible]
+    r.greeting_first_frame_at = next((f.t for f in audible if f.t < bounds[0]), None)
+    for i, turn in enumerate(r.turns):
+        end = turn.speech_end if turn.speech_end is not None else turn.ended_at
+        if end is None:
+            continue
+        window = [f for f in r.frames if end <= f.t < bounds[i + 1]]
+        first = next((f for f in window if f.audible), None)
+        if first is not None:
+            turn.reply_first_frame_at = first.t
+            turn.voice_to_voice_ms = (first.t - end) * 1000
+        if turn.reply_first_heard_at is not None:
+            turn.heard_voice_to_voice_ms = (turn.reply_first_heard_at - end) * 1000
+        turn.reply_frames = len(window)
+        turn.reply_audio_ms = sum(f.nbytes for f in window) / audio.TWILIO_RATE * 1000
+        if len(window) > 1:
+            turn.reply_max_gap_ms = float(np.diff([f.t for f in window]).max() * 1000)
+        clears = [c for c in r.clears if turn.started_at <= c < bounds[i + 1]]
+        turn.clears = len(clears)
+        if turn.speech_start is not None:
+            after = [c for c in clears if c >= turn.speech_start]
+            if after:
+                turn.clear_after_speech_ms = (after[0] - turn.speech_start) * 1000
+        turn.marks_echoed = sum(turn.started_at <= m.t < bounds[i + 1] for m in r.marks_echoed)
+
+
+async def fetch_twiml(session: aiohttp.ClientSession, twiml_url: str, auth_token: str | None,
+                      form: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """POST Twilio's voice webhook (signed like Twilio) -> the <Connect><Stream> url and its <Parameter>s."""
+    headers = {SIGNATURE_HEADER: sign(auth_token, twiml_url, form)} if auth_token else {}
+    async with session.post(twiml_url, data=form, headers=headers) as response:
+        body = await response.text()
+        if response.status != 200:
+            raise RuntimeError(f"webhook {twiml_url} answered {response.status}: {body[:200]}")
+    stream = ET.fromstring(body).find("./Connect/Stream")
+    if stream is None or not stream.get("url"):
+        raise RuntimeError(f"webhook {twiml_url} returned no <Connect><Stream url>: {body[:200]}")
+    params = {p.get("name"): p.get("value", "") for p in stream.findall("Parameter") if p.get("name")}
+    return stream.get("url"), params
+
+
+async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: str | None = None,
+                   twiml_url: str | None = None, signed_url: str | None = None,
+                   params: dict[str, str] | None = None, wait_for_greeting: bool = True,
+                   wait_for_reply: bool = True, pause_ms: float = 800, barge_in_ms: float | None = None,
+                   reply_timeout_s: float = 20.0, tail_ms: float = 300, timeout_s: float = 600.0,
+                   from_number: str = "+15005550006", to_number: str = "+15005550001",
+                   session: aiohttp.ClientSession | None = None) -> CallReport:
+    """Place one simulated call and return what happened on it.
+
+    `url` is the WebSocket to connect to; with `twiml_url`, the webhook is
+    fetched first (signed) and its <Stream url> is used unless `url` overrides
+    where to connect. The upgrade is signed over `signed_url`, else the
+    <Stream url>, else `url`. `turns` are 8 kHz int16 arrays, WAV paths or
+    `CallerTurn`s. Waiting: with `wait_for_reply` each turn starts once the
+    agent's reply has been heard and then `pause_ms` of quiet passed (or
+    `reply_timeout_s` went by without a reply); otherwise `pause_ms` after the
+    previous turn ended. `barge_in_ms` starts turns (after the first) that long
+    after the reply is first heard. The call hangs up after the last reply
+    (plus `tail_ms`).
+    """
+    caller_turns = [_caller_turn(t, i) for i, t in enumerate(turns)]
+    account_sid, call_sid, stream_sid = _sid("AC"), _sid("CA"), _sid("MZ")
+    own_session = session is None
+    session = session or aiohttp.ClientSession()
+    try:
+        custom = dict(params or {})
+        stream_url = None
+        if twiml_url:
+            form = {"AccountSid": account_sid, "CallSid": call_sid, "From": from_number, "To": to_number,
+                    "Caller": from_number, "Called": to_number, "CallStatus": "ringing", "Direction": "inbound",
+                    "ApiVersion": "2010-04-01"}
+            stream_url, twiml_params = await fetch_twiml(session, twiml_url, auth_token, form)
+            custom = {**twiml_params, **custom}
+        connect_url = url or stream_url
+        if not connect_url:
+            raise ValueError("run_call needs url or twiml_url")
+        headers = {SIGNATURE_HEADER: sign_websocket(auth_token, signed_url or stream_url or connect_url)} \
+            if auth_token else {}
+        report = CallReport(connect_url, stream_sid, call_sid, account_sid, custom)
+        async with session.ws_connect(connect_url, headers=headers, autoping=True, heartbeat=None) as ws:
+            call = _Call(ws, report, caller_turns, wait_for_greeting=wait_for_greeting,
+                         wait_for_reply=wait_for_reply, pause_ms=pause_ms, barge_in_ms=barge_in_ms,
+                         reply_timeout_s=reply_timeout_s, tail_ms=tail_ms)
+            try:
+                await asyncio.wait_for(call.run(), timeout_s)
+            except asyncio.TimeoutError:
+                report.errors.append(f"call did not finish within {timeout_s} s")
+        return report
+    finally:
+        if own_session:
+            await session.close()
+
+
+def _parse_param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param wants key=value, got {text!r}")
+    return key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m edge.simulate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="WebSocket URL of the edge's /media (default ws://127.0.0.1:$EDGE_PORT/media)")
+    ap.add_argument("--twiml-url", help="fetch the TwiML from this webhook first, like Twilio does")
+    ap.add_argument("--signed-url", help="URL the upgrade is signed over (default: the <Stream url>, else --url)")
+    ap.add_argument("--wav", action="append", default=[], help="a caller turn (16-bit mono WAV); repeat for more")
+    ap.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN") or None,
+                    help="sign requests like Twilio (default $TWILIO_AUTH_TOKEN; unset: unsigned)")
+    ap.add_argument("--param", action="append", default=[], type=_parse_param, help="customParameters key=value")
+    ap.add_argument("--pause-ms", type=float, default=800, help="quiet after the reply before the next turn")
+    ap.add_argument("--fixed-gaps", action="store_true", help="do not wait for replies: pause-ms between turns")
+    ap.add_argument("--barge-in-ms", type=float, help="interrupt each reply this long after it is first heard")
+    ap.add_argument("--no-greeting", action="store_true", help="speak first instead of waiting for a greeting")
+    ap.add_argument("--reply-timeout", type=float, default=20.0, help="seconds to wait for a reply")
+    ap.add_argument("--tail-ms", type=float, default=300, help="quiet after the last reply before hanging up")
+    ap.add_argument("--timeout", type=float, default=600.0, help="give up on a call after this many seconds")
+    ap.add_argument("--calls", type=int, default=1, help="concurrent calls")
+    ap.add_argument("--out", help="write the agent's audio as heard to this WAV (call N>1: suffix _N)")
+    ap.add_argument("--conversation", help="write caller (left) and agent (right) to this stereo WAV")
+    args = ap.parse_args(argv)
+    if not args.wav:
+        ap.error("give at least one --wav")
+    url = args.url or (None if args.twiml_url else f"ws://127.0.0.1:{os.environ.get('EDGE_PORT', '8080')}/media")
+
+    async def one(i: int) -> CallReport:
+        return await run_call(url, args.wav, auth_token=args.auth_token, twiml_url=args.twiml_url,
+                              signed_url=args.signed_url, params=dict(args.param),
+                              wait_for_greeting=not args.no_greeting, wait_for_reply=not args.fixed_gaps,
+                              pause_ms=args.pause_ms, barge_in_ms=args.barge_in_ms,
+                              reply_timeout_s=args.reply_timeout, tail_ms=args.tail_ms, timeout_s=args.timeout)
+
+    async def calls() -> list[CallReport]:
+        return await asyncio.gather(*(one(i) for i in range(args.calls)))
+
+    try:
+        reports = asyncio.run(calls())
+    except (aiohttp.ClientError, RuntimeError, OSError) as e:
+        print(f"call failed: {e}", file=sys.stderr)
+        return 2
+    for i, report in enumerate(reports):
+        suffix = f"_{i}" if len(reports) > 1 else ""
+        if args.out:
+            report.write_wav(_suffixed(args.out, suffix))
+        if args.conversation:
+            report.write_conversation_wav(_suffixed(args.conversation, suffix))
+    summaries = [r.summary() for r in reports]
+    json.dump(summaries[0] if len(summaries) == 1 else summaries, sys.stdout, indent=2)
+    print()
+    return 1 if any(r.errors for r in reports) else 0
+
+
+def _suffixed(path: str, suffix: str) -> Path:
+    p = Path(path)
+    return p.with_name(p.stem + suffix + p.suffix)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

