@@ -11,12 +11,13 @@ import re
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s")
 _CLAUSE_END = re.compile(r"[,;:—–]\s")
-_MARKUP = re.compile(r"[*_#`~>|]+|\[[^\]]*\]\([^)]*\)")
+_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+_MARKUP = re.compile(r"[*_#`~<>|\[\]{}\\/]+")
 
 
 def speakable(text: str) -> str:
     """Text as a voice should say it: no markdown, emoji or stray whitespace."""
-    text = _MARKUP.sub("", text)
+    text = _MARKUP.sub(" ", _LINK.sub(r"\1", text))
     text = "".join(ch for ch in text if ch.isprintable() and not 0x1F000 <= ord(ch) <= 0x1FAFF)
     return " ".join(text.split())
 
@@ -24,8 +25,9 @@ def speakable(text: str) -> str:
 class ClauseChunker:
     """Feed deltas with `push()`, collect complete clauses; `flush()` returns the rest at the end."""
 
-    def __init__(self, first_min_words: int = 3, min_words: int = 6, max_chars: int = 240):
-        self.first_min_words, self.min_words, self.max_chars = first_min_words, min_words, max_chars
+    def __init__(self, first_min_words: int = 3, first_max_words: int = 8, min_words: int = 6, max_chars: int = 240):
+        self.first_min_words, self.first_max_words = first_min_words, first_max_words
+        self.min_words, self.max_chars = min_words, max_chars
         self._buffer = ""
         self._emitted = 0
 
@@ -52,6 +54,11 @@ class ClauseChunker:
                 if len(buffer[:m.end()].split()) >= min_words:
                     end = m.end()
                     break
+        if end is None and self._emitted == 0:
+            # no punctuation yet: the first clause goes at a word boundary, the caller is waiting
+            spans = list(re.finditer(r"\S+\s", buffer))
+            if len(spans) >= self.first_max_words:
+                end = spans[self.first_max_words - 1].end()
         if end is None and len(buffer) > self.max_chars:
             cut = buffer.rfind(" ", 0, self.max_chars)
             end = cut + 1 if cut > 0 else self.max_chars

@@ -158,3 +158,19 @@ def media_url(settings: Settings) -> str:
     """The <Stream url> Twilio connects to, and signs the WebSocket upgrade with: wss://<public host>/media."""
     url = public_url(settings, "/media")
     return "wss" + url[len("https"):] if url.startswith("https:") else "ws" + url[len("http"):]
+
+
+def markdown_table() -> str:
+    """The README's settings table, made from the fields' descriptions (`python -m edge.settings`)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = "(unset)" if default is None else ("(long text)" if len(str(default)) > 40 else str(default))
+        rows.append(f"| `{name.upper()}` | `{shown}` | {field.description} |".replace("``", "` `"))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

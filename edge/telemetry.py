@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -31,6 +31,8 @@ CALLS_TOTAL = Counter("edge_calls_total", "Calls accepted")
 CALL_ERRORS = Counter("edge_call_errors_total", "Calls ended by an error", ["kind"])
 MESSAGES_DROPPED = Counter("edge_messages_dropped_total", "Twilio messages dropped as malformed")
 BARGE_INS = Counter("edge_barge_ins_total", "Interruptions by the caller", ["outcome"])
+SPECULATIONS = Counter("edge_speculative_replies_total", "Replies started at a pause, before the final transcript",
+                       ["outcome"])
 BARGE_IN_SECONDS = Histogram("edge_barge_in_seconds", "Caller speech onset to clear sent", buckets=_BUCKETS)
 
 
@@ -85,7 +87,3 @@ def setup_tracing(exporter: str) -> None:
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-
-
-def times_as_dict(times: TurnTimes) -> dict:
-    return asdict(times)

@@ -13,6 +13,7 @@ import json
 from contextlib import aclosing
 from typing import AsyncIterator
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 from tritonclient.grpc import InferInput, InferResult
@@ -47,6 +48,19 @@ def _text(result: InferResult, name: str) -> str:
     return b"".join(value.reshape(-1)).decode() if value is not None else ""
 
 
+async def _drain(responses, timeout: float = 2.0) -> None:
+    """Let the server end a finished stream itself. Cancelling a request that has just completed races
+    with its release inside tritonserver 2.51 (and has crashed it), so a finished stream is read to its end."""
+    async def rest():
+        async for _ in responses:
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), timeout)
+    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+        responses.cancel()
+
+
 class Triton:
     """One channel to the server; methods open a stream per request (llm, tts) or per call (asr)."""
 
@@ -70,15 +84,21 @@ class Triton:
             yield request
 
         responses = self.client.stream_infer(requests())
+        done = False
         try:
             async for result, error in responses:
                 if error is not None:
+                    done = True
+                    await _drain(responses)
                     raise ModelError(f"{request['model_name']}: {error.message()}")
+                done = _is_final(result)
                 yield result
-                if _is_final(result):
-                    return
+                if done:
+                    break
+            await _drain(responses)
         finally:
-            responses.cancel()  # no-op when the stream already ended; cancels the request otherwise
+            if not done:
+                responses.cancel()  # we left early: Triton cancels the request and the model stops
 
     async def llm(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.7,
                   stop: list[str] | None = None, request_id: str = "") -> AsyncIterator[str]:
@@ -150,6 +170,7 @@ class AsrStream:
             event = json.loads(_text(result, "EVENT"))
             yield event
             if event["type"] == "end":
+                await _drain(self._responses)
                 return
 
     def cancel(self) -> None:

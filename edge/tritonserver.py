@@ -13,12 +13,14 @@ used.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "model_repository"
 MODELS = ("asr", "llm", "tts")
+
+log = logging.getLogger("edge.tritonserver")
 
 
 def _wheel_dir() -> Path:
@@ -65,6 +69,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.cache, self.log_file, self.log_verbose = cache, log_file, log_verbose
         self.process: subprocess.Popen | None = None
+        self._stopping = False
 
     @property
     def grpc_url(self) -> str:
@@ -87,6 +92,29 @@ class TritonServer:
         return cmd
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
+        self._stopping = False
+        self._launch(timeout)
+        return self
+
+    def supervise(self, timeout: float = 300.0) -> None:
+        """Restart the server whenever it dies (as Kubernetes would restart its pod): calls in flight get
+        errors and apologise, and the next turn finds the models again."""
+
+        def watch():
+            while not self._stopping:
+                code = self.process.wait()
+                if self._stopping:
+                    return
+                log.error("tritonserver exited with code %s; restarting it", code)
+                try:
+                    self._launch(timeout)
+                except (RuntimeError, TimeoutError) as e:
+                    log.error("tritonserver restart failed: %s", e)
+                    time.sleep(5)
+
+        threading.Thread(target=watch, name="tritonserver-supervisor", daemon=True).start()
+
+    def _launch(self, timeout: float) -> None:
         env = dict(os.environ)
         # the stub must load this interpreter's libpython (not the system's), then the wheel's own libraries
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [sysconfig.get_config_var("LIBDIR"), str(_wheel_libs()),
@@ -97,7 +125,6 @@ class TritonServer:
         self.process = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
                                         start_new_session=True)
         self.wait_ready(timeout)
-        return self
 
     def ready(self) -> bool:
         try:
@@ -119,6 +146,7 @@ class TritonServer:
         raise TimeoutError(f"tritonserver was not ready within {timeout:.0f} s")
 
     def stop(self) -> None:
+        self._stopping = True
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:

@@ -96,12 +96,19 @@ _CONTINUES = {"and", "but", "so", "or", "because", "the", "a", "an", "to", "of",
 
 
 def reads_complete(text: str) -> bool:
-    """A finished sentence: ends with . ? or ! (not an ellipsis) and not on a word that asks for more."""
+    """A finished sentence: ends with ? or !, or with . (not an ellipsis) after three words or more and not on
+    a word that asks for more.
+
+    Whisper ends most segments with a period, so a period after "and"/"the"/"to" proves nothing; a question
+    mark does ("Which folder should I save it to?")."""
     text = text.strip()
-    if not text.endswith((".", "?", "!")) or text.endswith("..."):
+    if text.endswith(("?", "!")):
+        return True
+    if not text.endswith(".") or text.endswith("..."):
         return False
     words = re.findall(r"[a-z']+", text.lower())
-    return bool(words) and words[-1] not in _CONTINUES
+    # a lone word ("Weasels.") is as often the start of a sentence after a breath as a whole answer
+    return len(words) >= 3 and words[-1] not in _CONTINUES
 
 
 class AudioBuffer:

@@ -1,0 +1,652 @@
+"""One phone call, start to end. Read this class to know what the agent does.
+
+* The call starts (`start` message): the greeting plays from cached audio and
+  the caller's audio streams to `asr` for the whole call.
+* The caller stops talking (`final` event): a `Turn` streams `llm`, cuts its
+  text into clauses and speaks each through `tts` while the next is written;
+  the audio goes out paced by `Playback`, a `mark` after each clause.
+* The caller talks over the agent (`speech_start` while speaking): noise,
+  coughs, backchannels ("uh-huh") and the echo of our own voice are let be;
+  real speech is a barge-in: `clear`, cancel the turn's llm and tts
+  requests, keep in history only what the echoed marks prove was heard, and
+  listen. If the "interruption" brings no words, the agent resumes the cut
+  clause.
+* Silence: prompt once, then say goodbye and hang up. `stop` or a closed
+  socket ends the call and everything it has in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiohttp import web
+
+from edge import audio, protocol, telemetry
+from edge.clauses import ClauseChunker
+from edge.playback import Playback
+from edge.settings import Settings
+from edge.triton import ModelError, Triton
+
+log = logging.getLogger("edge.call")
+
+MAX_BAD_MESSAGES = 20
+ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
+INTERRUPTED = " [interrupted]"
+TRITON_ERRORS = (ModelError, ConnectionError, OSError)
+
+
+def _triton_errors():
+    """What a dead or failing Triton raises through the gRPC client."""
+    import grpc
+    from tritonclient.utils import InferenceServerException
+
+    return TRITON_ERRORS + (grpc.aio.AioRpcError, InferenceServerException)
+
+
+@dataclass
+class Overlap:
+    """Caller speech heard while the agent was speaking: a possible barge-in."""
+
+    onset: float  # monotonic time the caller's speech began
+    words: str = ""
+    speaking: bool = True
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class Turn:
+    """One reply of the agent: the task generating and speaking it, and what it has said so far."""
+
+    number: int
+    user_text: str
+    times: telemetry.TurnTimes
+    messages: list[dict] = field(default_factory=list)  # what the llm is asked
+    committed: asyncio.Event = field(default_factory=asyncio.Event)  # audible; unset while speculative
+    task: asyncio.Task | None = None
+    interrupted: bool = False
+    clauses: list[str] = field(default_factory=list)  # every clause written for tts, in order
+    chunks: list = field(default_factory=list)  # the playback chunks of the clauses tts has started
+
+    def heard_whole(self) -> int:
+        """How many of its clauses Twilio proved played (their marks came back)."""
+        return sum(1 for c in self.chunks if c.played)
+
+
+class Call:
+    def __init__(self, ws: web.WebSocketResponse, settings: Settings, triton: Triton, phrases: "Phrases"):
+        self.ws, self.settings, self.triton, self.phrases = ws, settings, triton, phrases
+        self.state = "connecting"  # -> active -> stopping -> closed
+        self.stream_sid = self.call_sid = "?"
+        self.parameters: dict[str, str] = {}
+        self.history: list[dict] = []
+        self.playback = Playback(self._send_media, self._send_mark, settings.outbound_lead_ms)
+        self.turn: Turn | None = None
+        self.turns = 0
+        self.overlap: Overlap | None = None
+        self.speculation: Turn | None = None  # a reply started at the caller's pause, before the final
+        self.resume: tuple[float, list[str]] | None = None  # (deadline, clauses to say again) after a barge-in
+        self.barge_ins: list[dict] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._asr = None
+        self._listener: asyncio.Task | None = None
+        self._upsampler = audio.Resampler(audio.TWILIO_RATE, audio.ASR_RATE)
+        self._audio_ms: list[float] = []  # caller audio received so far, ms at the end of each media message
+        self._arrivals: list[float] = []  # and when each arrived
+        self._received_ms = 0.0
+        self._caller_speaking = False
+        self._speech_stop_ms: float | None = None
+        self._last_activity = time.monotonic()
+        self._idle_prompted = False
+        self._bad_messages = 0
+        self._backchannels = set(settings.backchannels)
+
+    # -- the socket ----------------------------------------------------------------
+    async def serve(self) -> None:
+        """Read Twilio's messages until `stop` or the socket closes; then end everything in flight."""
+        telemetry.CALLS_ACTIVE.inc()
+        try:
+            async for message in self.ws:
+                if message.type != web.WSMsgType.TEXT:
+                    if message.type == web.WSMsgType.ERROR:
+                        break
+                    self._drop(f"non-text WebSocket message ({message.type.name})")
+                    continue
+                try:
+                    event = protocol.parse_message(message.data)
+                except protocol.ProtocolError as e:
+                    self._drop(str(e))
+                    continue
+                if not await self._handle(event):
+                    break
+        except _CallFailed as e:
+            telemetry.CALL_ERRORS.labels(e.kind).inc()
+            log.warning(json.dumps({"event": "call_failed", "call": self.call_sid, "reason": str(e)}))
+        finally:
+            await self._close()
+            telemetry.CALLS_ACTIVE.dec()
+
+    def _drop(self, reason: str) -> None:
+        """A message that is not what Twilio sends: log it and go on; too many end this call only."""
+        telemetry.MESSAGES_DROPPED.inc()
+        self._bad_messages += 1
+        log.warning(json.dumps({"event": "message_dropped", "call": self.call_sid, "reason": reason[:300]}))
+        if self._bad_messages > MAX_BAD_MESSAGES:
+            raise _CallFailed("protocol", f"more than {MAX_BAD_MESSAGES} malformed messages")
+
+    async def _handle(self, event) -> bool:
+        """One message from Twilio; False ends the call."""
+        if isinstance(event, protocol.Connected):
+            return True
+        if isinstance(event, protocol.Start):
+            if self.state != "connecting":
+                self._drop("a second 'start' on one stream")
+                return True
+            self._start(event)
+            return True
+        if isinstance(event, protocol.Stop):
+            return False
+        if self.state != "active":
+            self._drop(f"'{event.event}' before 'start'")
+            return True
+        if isinstance(event, protocol.Media):
+            if event.media.track == "inbound":
+                self._hear(event.media.payload)
+        elif isinstance(event, protocol.Mark):
+            self.playback.marked(event.mark.name)
+        elif isinstance(event, protocol.Dtmf):
+            log.info(json.dumps({"event": "dtmf", "call": self.call_sid, "digit": event.dtmf.digit}))
+        return True
+
+    def _start(self, event) -> None:
+        self.stream_sid, self.call_sid = event.start.stream_sid, event.start.call_sid
+        self.parameters = dict(event.start.custom_parameters)
+        self.state = "active"
+        telemetry.CALLS_TOTAL.inc()
+        log.info(json.dumps({"event": "call_started", "call": self.call_sid, "stream": self.stream_sid,
+                             "parameters": self.parameters}))
+        self._spawn(self.playback.run(), "playback")
+        self._asr = self.triton.asr(f"{self.call_sid}:1")  # before any media arrives: none is lost
+        self._listener = self._spawn(self._listen(), "asr")
+        self._spawn(self._watch_idle(), "idle")
+        greeting = self.parameters.get("greeting", self.settings.greeting)  # a <Parameter> may silence it
+        if greeting:
+            self._say_cached(greeting)
+
+    async def _close(self) -> None:
+        self.state = "stopping"
+        if self.turn and self.turn.task:
+            self.turn.task.cancel()
+        if self._asr is not None:
+            # end the asr sequence properly (a cancelled one holds a batcher slot until it idles out)
+            self._asr.end()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._listener), 2.0)
+            except (asyncio.TimeoutError, Exception):
+                self._asr.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.state = "closed"
+        if not self.ws.closed:
+            await self.ws.close()
+        log.info(json.dumps({"event": "call_ended", "call": self.call_sid, "turns": self.turns,
+                             "barge_ins": len(self.barge_ins)}))
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        """A task of this call; if it fails, this call ends (never another call or the process)."""
+        task = asyncio.create_task(coro, name=f"{self.call_sid}:{name}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None and self.state == "active":
+                log.error(json.dumps({"event": "task_failed", "call": self.call_sid, "task": name,
+                                      "error": repr(t.exception())}))
+                telemetry.CALL_ERRORS.labels(name).inc()
+                asyncio.create_task(self.ws.close())
+
+        task.add_done_callback(done)
+        return task
+
+    async def _send(self, text: str) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(text)
+
+    async def _send_media(self, frame: bytes) -> None:
+        await self._send(protocol.media_message(self.stream_sid, frame))
+
+    async def _send_mark(self, name: str) -> None:
+        await self._send(protocol.mark_message(self.stream_sid, name))
+
+    # -- listening -------------------------------------------------------------------
+    def _hear(self, mulaw: bytes) -> None:
+        """Caller audio: decode, upsample, stream to asr; remember when each millisecond arrived."""
+        self._received_ms += len(mulaw) * 1000 / audio.TWILIO_RATE
+        self._audio_ms.append(self._received_ms)
+        self._arrivals.append(time.monotonic())
+        if len(self._arrivals) > ARRIVALS_KEPT:  # only recent audio is ever looked up
+            del self._audio_ms[:ARRIVALS_KEPT // 2], self._arrivals[:ARRIVALS_KEPT // 2]
+        if self._asr is not None:
+            self._asr.send(self._upsampler(audio.mulaw_to_pcm(mulaw)))
+
+    def _when(self, audio_ms: float) -> float:
+        """The monotonic time the caller's audio at `audio_ms` reached us."""
+        i = bisect.bisect_left(self._audio_ms, audio_ms)
+        return self._arrivals[min(i, len(self._arrivals) - 1)] if self._arrivals else time.monotonic()
+
+    async def _listen(self) -> None:
+        """The call's asr stream; if Triton fails, apologise and reconnect."""
+        attempt, failures = 0, 0
+        while self.state == "active":
+            attempt += 1
+            self._asr = self._asr or self.triton.asr(f"{self.call_sid}:{attempt}")
+            try:
+                async for event in self._asr.events():
+                    failures = 0
+                    self._on_asr(event)
+                return
+            except _triton_errors() as e:
+                log.warning(json.dumps({"event": "asr_failed", "call": self.call_sid, "error": str(e)[:300]}))
+                self._asr.cancel()
+                self._asr = None
+                failures += 1
+                if failures == 1 and not self.playback.speaking:  # once per outage
+                    self._say_cached(self.settings.apology_text)
+                await asyncio.sleep(min(0.5 * failures, 5.0))
+
+    def _on_asr(self, event: dict) -> None:
+        kind = event.get("type")
+        log.debug(json.dumps({"event": "asr", "call": self.call_sid, **event}))
+        if kind == "speech_start":
+            self._caller_speaking = True
+            self._drop_speculation()  # the caller goes on: the pause was not the end
+            self._last_activity = time.monotonic()
+            if self._agent_busy() and self.overlap is None:
+                self._overlap_began(self._when(event["audio_ms"]))
+        elif kind == "speech_stop":
+            self._caller_speaking = False
+            self._speech_stop_ms = event["audio_ms"]
+            self._last_activity = time.monotonic()
+            if self.overlap:
+                self.overlap.speaking = False
+                if self.overlap.timer:
+                    self.overlap.timer.cancel()
+                self.overlap = None  # too short to be a barge-in: noise, a cough, a backchannel
+        elif kind == "partial":
+            if self.resume and self._meaningful(event.get("text", "")):
+                self.resume = None  # words came: it was a real interruption, do not resume
+            if self.overlap and self._meaningful(event.get("text", "")):
+                self.overlap.words = event["text"]
+                if time.monotonic() - self.overlap.onset >= self.settings.barge_in_min_speech_ms / 1000:
+                    self._interrupt("words")
+            elif not self._caller_speaking and self._speech_stop_ms is not None and not self._agent_busy():
+                self._speculate(event.get("text", "").strip())
+        elif kind == "final":
+            self._on_final(event)
+
+    def _on_final(self, event: dict) -> None:
+        if self.state != "active":
+            return
+        text = event.get("text", "").strip()
+        self._last_activity = time.monotonic()
+        self._caller_speaking = False
+        if self.overlap and self.overlap.timer:
+            self.overlap.timer.cancel()
+        self.overlap = None
+        speculation, self.speculation = self.speculation, None
+        if speculation and (words_of(speculation.user_text) != words_of(text) or self._agent_busy()):
+            speculation.task.cancel()
+            telemetry.SPECULATIONS.labels("discarded").inc()
+            speculation = None
+        if not self._meaningful(text) and (self._agent_busy() or not text):
+            return  # a backchannel, our own echo or nothing while we talk: keep talking
+        if self._agent_busy():
+            self._interrupt("final")
+        self.resume = None
+        self._idle_prompted = False
+        if speculation:
+            telemetry.SPECULATIONS.labels("used").inc()
+            speculation.times.final = time.monotonic()
+            self._commit(speculation)
+            return
+        times = telemetry.TurnTimes(speech_end=self._when(event.get("speech_end_ms", self._received_ms)),
+                                    final=time.monotonic())
+        self._commit(self._start_turn(text, times))
+
+    # -- barge-in --------------------------------------------------------------------
+    def _agent_busy(self) -> bool:
+        return self.playback.speaking or (self.turn is not None and not self.turn.task.done())
+
+    def _overlap_began(self, onset: float) -> None:
+        """Caller speech while we talk: wait the minimum duration, then interrupt if it is still going."""
+        self.overlap = overlap = Overlap(onset)
+        loop = asyncio.get_running_loop()
+        min_s = self.settings.barge_in_min_speech_ms / 1000
+        # words decide sooner; long speech without a transcript yet interrupts anyway
+        wait = max(onset + min_s + self.settings.barge_in_wait_words_ms / 1000 - time.monotonic(), 0)
+        overlap.timer = loop.call_later(wait, self._overlap_timeout, overlap)
+
+    def _overlap_timeout(self, overlap: Overlap) -> None:
+        if self.overlap is overlap and overlap.speaking:
+            self._interrupt("duration")
+
+    def _meaningful(self, text: str) -> bool:
+        """Words that are neither a backchannel nor the echo of what we are saying."""
+        words = words_of(text)
+        if not words:
+            return False
+        phrase = " ".join(words)
+        if phrase in self._backchannels or all(w in self._backchannels for w in words):
+            return False
+        return not self._is_echo(words)
+
+    def _is_echo(self, words: list[str]) -> bool:
+        """Speakerphone echo: the transcript is mostly words of what we said in the last seconds."""
+        if not self.turn and not self.playback.speaking:
+            return False
+        recent = " ".join((self.turn.clauses[-3:] if self.turn else []) + self.playback.recent_text())
+        ours = set(words_of(recent))
+        return len(words) >= 2 and sum(w in ours for w in words) / len(words) >= 0.8
+
+    def _interrupt(self, why: str) -> None:
+        """Barge-in: clear Twilio's buffer, cancel the turn's requests, keep what was heard, listen."""
+        if not self._agent_busy():
+            return
+        onset = self.overlap.onset if self.overlap else time.monotonic()
+        if self.overlap and self.overlap.timer:
+            self.overlap.timer.cancel()
+        self.overlap = None
+        asyncio.create_task(self._send(protocol.clear_message(self.stream_sid)))
+        cleared = time.monotonic()
+        turn, self.turn = self.turn, None
+        if turn:
+            turn.interrupted = True
+        if turn and turn.task and not turn.task.done():
+            turn.task.cancel()  # closes its llm and tts streams: Triton cancels the requests
+        heard = self.playback.clear()
+        said = self._said_before_cut(turn, heard)
+        if said:
+            self._remember_assistant(said + INTERRUPTED)
+        unsaid = turn.clauses[turn.heard_whole():] if turn else []
+        self.resume = (cleared + self.settings.false_interruption_ms / 1000, unsaid) if unsaid else None
+        record = {"event": "barge_in", "call": self.call_sid, "why": why,
+                  "onset_to_clear_ms": round((cleared - onset) * 1000, 1), "heard": heard.text}
+        self.barge_ins.append(record)
+        telemetry.BARGE_INS.labels(why).inc()
+        telemetry.BARGE_IN_SECONDS.observe(cleared - onset)
+        log.info(json.dumps(record))
+        if self.resume:
+            self._spawn(self._maybe_resume(self.resume), "resume")
+
+    def _said_before_cut(self, turn: Turn | None, heard) -> str | None:
+        if turn is None:
+            return None
+        whole = turn.clauses[:turn.heard_whole()]
+        cut = [heard.text] if heard.text and heard.cut in turn.chunks else []
+        return " ".join(whole + cut).strip()
+
+    async def _maybe_resume(self, plan) -> None:
+        """A false interruption (no words came): say the cut clause again, from its start."""
+        deadline, clauses = plan
+        await asyncio.sleep(max(deadline - time.monotonic(), 0))
+        while self._caller_speaking and self.resume is plan:
+            await asyncio.sleep(0.05)
+        if self.resume is not plan or self.turn is not None:
+            return
+        self.resume = None
+        if self.history and self.history[-1]["role"] == "assistant" \
+                and self.history[-1]["content"].endswith(INTERRUPTED):
+            self.history.pop()  # the whole reply will be heard after all
+        telemetry.BARGE_INS.labels("resumed").inc()
+        log.info(json.dumps({"event": "resume", "call": self.call_sid, "clauses": len(clauses)}))
+        turn = Turn(self.turns, "", telemetry.TurnTimes())
+        self.turn = turn
+        turn.task = self._spawn(self._speak_clauses(turn, clauses), "resume-turn")
+
+    # -- replying --------------------------------------------------------------------
+    def _speculate(self, text: str) -> None:
+        """The caller paused: start the reply to what they said so far, unheard until the final confirms it."""
+        if not self._meaningful(text) or (self.speculation and words_of(self.speculation.user_text) == words_of(text)):
+            return
+        self._drop_speculation()
+        times = telemetry.TurnTimes(speech_end=self._when(self._speech_stop_ms))
+        self.speculation = self._start_turn(text, times)
+
+    def _drop_speculation(self) -> None:
+        if self.speculation:
+            self.speculation.task.cancel()
+            self.speculation = None
+            telemetry.SPECULATIONS.labels("discarded").inc()
+
+    def _start_turn(self, text: str, times: telemetry.TurnTimes) -> Turn:
+        """A reply to `text`: the llm starts now; its audio waits until the turn is committed."""
+        turn = Turn(self.turns + 1, text, times, messages=self._context() + [{"role": "user", "content": text}])
+        if turn.messages[-2]["role"] == "user":  # roles must alternate for most chat templates
+            turn.messages[-2:] = [{"role": "user", "content": turn.messages[-2]["content"] + " " + text}]
+        turn.task = self._spawn(self._reply(turn), f"turn{turn.number}")
+        return turn
+
+    def _commit(self, turn: Turn) -> None:
+        """The caller's turn is final: this reply becomes the call's, and its audio may play."""
+        if self.turn and self.turn.task and not self.turn.task.done():
+            self.turn.task.cancel()
+        self.turns = turn.number
+        self.history = turn.messages[1:]  # the context it was written for, without the system prompt
+        self.turn = turn
+        turn.committed.set()
+        log.info(json.dumps({"event": "caller_said", "call": self.call_sid, "turn": turn.number,
+                             "text": turn.user_text}))
+
+    def _context(self) -> list[dict]:
+        """System prompt + history, oldest turns dropped past the token budget (4 characters a token).
+
+        Trimmed in steps, so the kept prefix stays the same for several turns and the engine can
+        reuse its KV cache."""
+        budget = self.settings.history_max_tokens * 4
+        while sum(len(m["content"]) for m in self.history) > budget and len(self.history) > 2:
+            drop = max(2, len(self.history) // 4)
+            self.history = self.history[drop:]
+        return [{"role": "system", "content": self.settings.system_prompt}] + self.history
+
+    async def _reply(self, turn: Turn) -> None:
+        clauses: asyncio.Queue = asyncio.Queue()
+        speaker = asyncio.create_task(self._speak_queue(turn, clauses))
+        try:
+            await self._generate(turn, clauses)
+            await clauses.put(None)
+            await speaker
+            await self.playback.played()
+            if turn.clauses:
+                self._remember_assistant(" ".join(turn.clauses))
+        finally:
+            speaker.cancel()
+            if self.turn is turn:
+                self.turn = None
+                self._last_activity = time.monotonic()
+            if turn.committed.is_set():
+                telemetry.record_turn(self.call_sid, turn.number, turn.times, heard=turn.user_text,
+                                      said=" ".join(turn.clauses), interrupted=turn.interrupted)
+
+    async def _generate(self, turn: Turn, clauses: asyncio.Queue) -> None:
+        """llm -> clause chunker -> the speaker's queue; a late first token gets a filler and one retry."""
+        messages = turn.messages
+        for attempt in (1, 2):
+            chunker = ClauseChunker()
+            turn.times.llm_request = time.monotonic()
+            deltas = self.triton.llm(messages, self.settings.llm_max_tokens, self.settings.llm_temperature,
+                                     request_id=f"{self.call_sid}:{turn.number}:{attempt}")
+            try:
+                first = await asyncio.wait_for(anext(deltas), self.settings.llm_first_token_timeout)
+            except StopAsyncIteration:
+                return
+            except (asyncio.TimeoutError, *_triton_errors()) as e:
+                await deltas.aclose()
+                log.warning(json.dumps({"event": "llm_failed", "call": self.call_sid, "turn": turn.number,
+                                        "attempt": attempt, "error": repr(e)[:300]}))
+                self._say_cached(self.settings.filler_text if attempt == 1 else self.settings.apology_text)
+                continue
+            turn.times.llm_first_token = time.monotonic()
+            try:
+                for clause in chunker.push(first):
+                    await self._clause(turn, clauses, clause)
+                async for delta in deltas:
+                    for clause in chunker.push(delta):
+                        await self._clause(turn, clauses, clause)
+            except _triton_errors() as e:
+                log.warning(json.dumps({"event": "llm_failed", "call": self.call_sid, "turn": turn.number,
+                                        "error": repr(e)[:300]}))
+            finally:
+                await deltas.aclose()
+            for clause in chunker.flush():
+                await self._clause(turn, clauses, clause)
+            return
+
+    async def _clause(self, turn: Turn, clauses: asyncio.Queue, clause: str) -> None:
+        if turn.times.first_clause is None:
+            turn.times.first_clause = time.monotonic()
+        turn.clauses.append(clause)
+        await clauses.put(clause)
+
+    async def _speak_queue(self, turn: Turn, clauses: asyncio.Queue) -> None:
+        while (clause := await clauses.get()) is not None:
+            await self._speak(turn, clause)
+
+    async def _speak_clauses(self, turn: Turn, texts: list[str]) -> None:
+        """Say already-written clauses (resuming after a false interruption)."""
+        try:
+            turn.clauses.extend(texts)
+            for clause in texts:
+                await self._speak(turn, clause)
+            await self.playback.played()
+            self._remember_assistant(" ".join(turn.clauses))
+        finally:
+            if self.turn is turn:
+                self.turn = None
+
+    async def _speak(self, turn: Turn, clause: str) -> None:
+        """One clause through tts into the playback queue, as the audio comes; a failed clause is skipped.
+
+        A speculative turn's audio is synthesized but held until the turn is committed."""
+        chunk, held, downsampler = None, [], None
+
+        def out(mulaw: bytes) -> None:
+            nonlocal chunk
+            if chunk is None and turn.committed.is_set():
+                chunk = self.playback.start(clause)
+                turn.chunks.append(chunk)
+                for piece in held:
+                    self.playback.extend(chunk, piece)
+            if chunk is None:
+                held.append(mulaw)
+            else:
+                self.playback.extend(chunk, mulaw)
+
+        try:
+            try:
+                async for samples, rate in self.triton.tts(clause, rate=self.settings.tts_rate,
+                                                           request_id=f"{self.call_sid}:{turn.number}"):
+                    if downsampler is None:
+                        downsampler = audio.Resampler(rate, audio.TWILIO_RATE)
+                        samples = _trim_leading_silence(samples)
+                        if turn.times.tts_first_audio is None:
+                            turn.times.tts_first_audio = time.monotonic()
+                    out(audio.pcm_to_mulaw(downsampler(samples)))
+                if downsampler is not None:
+                    out(audio.pcm_to_mulaw(downsampler(np.zeros(0, np.int16), last=True)))
+            except _triton_errors() as e:
+                log.warning(json.dumps({"event": "tts_failed", "call": self.call_sid, "clause": clause[:80],
+                                        "error": repr(e)[:300]}))
+            await turn.committed.wait()
+            out(b"")
+        finally:
+            if chunk is not None:
+                self.playback.finish(chunk)
+        if turn.times.first_frame is None:
+            self._spawn(self._note_first_frame(turn, chunk), "first-frame")
+
+    async def _note_first_frame(self, turn: Turn, chunk) -> None:
+        while chunk.first_sent is None and self.state == "active" and chunk.frames:
+            await asyncio.sleep(0.005)
+        if turn.times.first_frame is None:
+            turn.times.first_frame = chunk.first_sent
+
+    def _say_cached(self, text: str) -> None:
+        """A fixed phrase from audio synthesized at start-up: no model on the path."""
+        mulaw = self.phrases.get(text)
+        if mulaw:
+            self.playback.enqueue(text, mulaw)
+            self._remember_assistant(text)
+
+    def _remember_assistant(self, text: str) -> None:
+        if not text:
+            return
+        if self.history and self.history[-1]["role"] == "assistant":
+            self.history[-1]["content"] += " " + text
+        else:
+            self.history.append({"role": "assistant", "content": text})
+
+    # -- silence ---------------------------------------------------------------------
+    async def _watch_idle(self) -> None:
+        """Caller silent too long: prompt once; still silent: say goodbye and hang up."""
+        while self.state == "active":
+            await asyncio.sleep(0.25)
+            if self._agent_busy() or self._caller_speaking:
+                self._last_activity = time.monotonic()
+                continue
+            if time.monotonic() - self._last_activity < self.settings.idle_prompt_seconds:
+                continue
+            if not self._idle_prompted:
+                self._idle_prompted = True
+                self._say_cached(self.settings.idle_prompt_text)
+                continue
+            self._say_cached(self.settings.idle_hangup_text)
+            await self.playback.played()
+            log.info(json.dumps({"event": "hangup_idle", "call": self.call_sid}))
+            await self.ws.close()  # ends <Connect><Stream>; with no TwiML after it, the call ends
+            return
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case words without punctuation: how transcripts are compared."""
+    return [w for w in (w.strip(".,!?;:'\"-…").lower() for w in text.split()) if w]
+
+
+def _trim_leading_silence(samples: np.ndarray, threshold: int = 200, keep: int = 160) -> np.ndarray:
+    """Drop the engine's lead-in silence from a clause's first audio: it only delays the reply."""
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > threshold)
+    return samples[max(int(loud[0]) - keep, 0):] if loud.size else samples
+
+
+class _CallFailed(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Phrases:
+    """Fixed phrases (greeting, filler, apology, idle prompts) synthesized once at start-up as 8 kHz mu-law."""
+
+    def __init__(self):
+        self._audio: dict[str, bytes] = {}
+
+    def get(self, text: str) -> bytes | None:
+        return self._audio.get(text)
+
+    async def prepare(self, triton: Triton, texts: list[str], rate: float) -> None:
+        for text in filter(None, dict.fromkeys(texts)):
+            if text in self._audio:
+                continue
+            pieces = []
+            resampler = None
+            async for samples, sr in triton.tts(text, rate=rate):
+                resampler = resampler or audio.Resampler(sr, audio.TWILIO_RATE)
+                pieces.append(resampler(samples))
+            if resampler:
+                pieces.append(resampler(np.zeros(0, np.int16), last=True))
+                self._audio[text] = audio.pcm_to_mulaw(_trim_leading_silence(np.concatenate(pieces)))

@@ -1,0 +1,168 @@
+"""The edge end to end: simulated Twilio calls with real speech through the real tritonserver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aiohttp
+import numpy as np
+import pytest
+
+from edge import audio, protocol
+from edge.app import CALLS
+from edge.signature import sign, sign_websocket
+from edge.simulate import CallerTurn, run_call
+from edge.triton import Triton
+from tests.metrics import ascrape
+from tests.speech import recording, wer, word_errors, words
+
+pytestmark = pytest.mark.usefixtures("triton")
+
+QUESTION = recording("vm-savefolder")  # "Which folder should I save the message to?"
+STATEMENT = recording("tt-weasels")  # "Weasels have eaten our phone system"
+
+
+def caller(rec) -> np.ndarray:
+    samples, rate = rec.samples()
+    return audio.resample(samples, rate, audio.TWILIO_RATE)
+
+
+async def transcribe(triton_url: str, samples8k: np.ndarray) -> str:
+    """What the real asr model hears in audio the agent sent (8 kHz)."""
+    client = Triton(triton_url)
+    stream = client.asr(f"check-{np.random.randint(1 << 30)}")
+    pcm = audio.resample(samples8k, audio.TWILIO_RATE, audio.ASR_RATE)
+    pcm = np.concatenate([pcm, np.zeros(audio.ASR_RATE * 2, np.int16)])
+    finals = []
+
+    async def read():
+        async for event in stream.events():
+            if event["type"] == "final":
+                finals.append(event["text"])
+
+    reader = asyncio.create_task(read())
+    for i in range(0, len(pcm), 3200):
+        stream.send(pcm[i:i + 3200])
+        await asyncio.sleep(0.01)
+    stream.end()
+    await asyncio.wait_for(reader, 60)
+    await client.close()
+    return " ".join(finals)
+
+
+def aggregate_wer(pairs: list[tuple[str, str]]) -> float:
+    errors, total = map(sum, zip(*(word_errors(ref, hyp) for ref, hyp in pairs)))
+    return errors / total
+
+
+def turn_logs(caplog, call_sid: str) -> list[dict]:
+    records = []
+    for r in caplog.records:
+        if r.name == "edge.turn":
+            record = json.loads(r.getMessage())
+            if record["call"] == call_sid:
+                records.append(record)
+    return records
+
+
+async def test_a_call_is_greeted_and_each_turn_answered_with_paced_marked_audio(edge, triton, caplog):
+    caplog.set_level(logging.INFO, logger="edge.turn")
+    report = await run_call(edge.ws_url, [caller(QUESTION), caller(STATEMENT)], pause_ms=1000)
+    assert not report.errors, report.errors
+    assert report.greeting_first_frame_at is not None
+    for turn in report.turns:
+        assert turn.reply_first_frame_at is not None, f"turn {turn.index} got no reply"
+        assert turn.reply_audio_ms > 300
+    # every outbound frame is one 20 ms mu-law frame, sent on a 20 ms clock
+    assert {f.nbytes for f in report.frames} == {audio.FRAME_BYTES}
+    arrivals = np.diff([f.t for f in report.frames])
+    steady = arrivals[(arrivals > 0.005) & (arrivals < 0.1)]  # within runs of audio, after the lead burst
+    assert 0.017 < float(np.median(steady)) < 0.023, np.median(steady)
+    # Twilio echoes each mark once its audio played: every mark we sent came back, as played
+    assert report.marks_received and len(report.marks_echoed) == len(report.marks_received)
+    assert all(m.played for m in report.marks_echoed)
+    # the agent's words are real speech: the asr model hears words in what the caller heard
+    heard = await transcribe(triton.grpc_url, report.heard)
+    assert len(words(heard)) >= 5, heard
+    logs = turn_logs(caplog, report.call_sid)
+    assert aggregate_wer([(QUESTION.transcript, logs[0]["heard"]), (STATEMENT.transcript, logs[1]["heard"])]) < 0.5
+
+
+async def test_two_simultaneous_calls_hear_only_their_own_replies(edge, triton, caplog):
+    caplog.set_level(logging.INFO, logger="edge.turn")
+    a, b = await asyncio.gather(run_call(edge.ws_url, [caller(QUESTION)], params={"greeting": ""}),
+                                run_call(edge.ws_url, [caller(STATEMENT)], params={"greeting": ""}))
+    pairs, said = [], []
+    for report, rec in ((a, QUESTION), (b, STATEMENT)):
+        logs = turn_logs(caplog, report.call_sid)  # a caller's pause may split its words over two turns
+        pairs.append((rec.transcript, " ".join(log["heard"] for log in logs)))
+        said.append(" ".join(log["said"] for log in logs))
+        assert report.turns[0].reply_first_frame_at is not None
+    assert aggregate_wer(pairs) < 0.5, pairs
+    said_a, said_b = said
+    heard_a, heard_b = await asyncio.gather(transcribe(triton.grpc_url, a.heard), transcribe(triton.grpc_url, b.heard))
+    # each socket carried the reply written for its own caller, not the other's
+    assert wer(said_a, heard_a) < wer(said_b, heard_a), (said_a, said_b, heard_a)
+    assert wer(said_b, heard_b) < wer(said_a, heard_b), (said_a, said_b, heard_b)
+
+
+async def test_stop_mid_reply_cancels_the_calls_requests_on_the_server(edge, triton):
+    """Play Twilio by hand: ask a question, and send `stop` as soon as the reply's first frame arrives."""
+    before = await ascrape(triton.metrics_url)
+    cancelled_before = sum(before.value("voice_requests_cancelled_total", model=m) for m in ("llm", "tts"))
+    stream_sid, call_sid, account_sid = "MZ" + "1" * 32, "CA" + "1" * 32, "AC" + "1" * 32
+    mulaw = audio.pcm_to_mulaw(np.concatenate([caller(QUESTION), np.zeros(audio.TWILIO_RATE * 3, np.int16)]))
+    async with aiohttp.ClientSession() as session, session.ws_connect(edge.ws_url) as ws:
+        await ws.send_str(protocol.connected_message())
+        await ws.send_str(protocol.start_message(1, account_sid, stream_sid, call_sid, {"greeting": ""}))
+
+        async def speak():
+            for n, i in enumerate(range(0, len(mulaw), audio.FRAME_BYTES)):
+                await ws.send_str(protocol.caller_media_message(n + 2, stream_sid, n + 1, n * 20,
+                                                                mulaw[i:i + audio.FRAME_BYTES]))
+                await asyncio.sleep(0.02)
+
+        speaker = asyncio.create_task(speak())
+        async for message in ws:
+            if protocol.parse_outbound(message.data).event == "media":
+                break
+        speaker.cancel()
+        await ws.send_str(protocol.stop_message(9999, stream_sid, account_sid, call_sid))
+    after = await asyncio.sleep(1.0) or await ascrape(triton.metrics_url)
+    cancelled = sum(after.value("voice_requests_cancelled_total", model=m) for m in ("llm", "tts"))
+    assert cancelled > cancelled_before
+    assert after.value("voice_requests_active", model="llm") == 0
+    assert after.value("voice_requests_active", model="tts") == 0
+    assert not edge.app[CALLS]
+
+
+class TestSignatures:
+    TOKEN = "12345678901234567890123456789012"
+    PUBLIC = "https://agent.example.com"
+
+    async def test_unsigned_or_wrongly_signed_requests_are_refused_and_signed_ones_served(self, signed_edge):
+        form = {"CallSid": "CA" + "1" * 32, "From": "+15005550006", "To": "+15005550001"}
+        twiml = f"{signed_edge.http_url}/twiml"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(twiml, data=form) as r:
+                assert r.status == 403
+            async with session.post(twiml, data=form, headers={"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}) as r:
+                assert r.status == 403
+            good = sign(self.TOKEN, f"{self.PUBLIC}/twiml", form)
+            async with session.post(twiml, data=form, headers={"X-Twilio-Signature": good}) as r:
+                assert r.status == 200
+                body = await r.text()
+            assert '<Stream url="wss://agent.example.com/media">' in body
+            assert '<Parameter name="from" value="+15005550006"' in body
+            for headers in ({}, {"X-Twilio-Signature": sign_websocket(self.TOKEN, "wss://evil.example.com/media")}):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await session.ws_connect(signed_edge.ws_url, headers=headers)
+                assert refused.value.status == 403
+            headers = {"X-Twilio-Signature": sign_websocket(self.TOKEN, "wss://agent.example.com/media")}
+            async with session.ws_connect(signed_edge.ws_url, headers=headers) as ws:
+                await ws.send_str(protocol.connected_message())
+                await ws.send_str(protocol.stop_message(1, "MZ" + "0" * 32, "AC" + "0" * 32, "CA" + "0" * 32))
+                closed = await ws.receive(timeout=10)
+                assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
