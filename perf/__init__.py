@@ -1,0 +1,1 @@
+"""Benchmarks: per-model latency (perf.models), perf_analyzer runs (perf/perf_analyzer/)."""
