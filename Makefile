@@ -42,7 +42,7 @@ test: $(INSTALLED)
 	$(PY) -m pytest -q -rs
 
 call: $(INSTALLED)
-	$(PY) -m edge.simulate --url ws://127.0.0.1:$${EDGE_PORT:-8080}/media --wav ../shared/audio/vm-savefolder.wav
+	$(PY) -m edge.simulate --url ws://127.0.0.1:$${EDGE_PORT:-8080}/media --wav $$($(PY) -c 'from tests.speech import recording; print(recording("vm-savefolder").path)')
 
 perf: $(INSTALLED)
 	$(PY) -m perf.models

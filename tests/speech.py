@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,22 @@ import numpy as np
 
 from edge import audio
 
-AUDIO_DIR = Path(os.environ.get("SHARED_AUDIO", Path(__file__).resolve().parents[2] / "shared" / "audio"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _audio_dir() -> Path:
+    """`SHARED_AUDIO`, else the `shared/audio` beside this checkout, else beside the checkout it was cloned
+    from (a scratch clone in a temporary folder has no `shared/` beside it)."""
+    if os.environ.get("SHARED_AUDIO"):
+        return Path(os.environ["SHARED_AUDIO"])
+    candidates = [ROOT.parent / "shared" / "audio"]
+    origin = subprocess.run(["git", "-C", str(ROOT), "remote", "get-url", "origin"], capture_output=True, text=True)
+    if origin.returncode == 0 and Path(origin.stdout.strip()).is_dir():
+        candidates.append(Path(origin.stdout.strip()).resolve().parent / "shared" / "audio")
+    return next((c for c in candidates if (c / "transcripts.json").exists()), candidates[0])
+
+
+AUDIO_DIR = _audio_dir()
 
 
 @dataclass(frozen=True)
