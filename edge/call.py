@@ -304,10 +304,10 @@ class Call:
             speculation.task.cancel()
             telemetry.SPECULATIONS.labels("discarded").inc()
             speculation = None
-        if not self._meaningful(text) and (self._agent_busy() or not text):
-            return  # a backchannel, our own echo or nothing while we talk: keep talking
+        if not self._meaningful(text) and (self._agent_busy() or self.resume or not text):
+            return  # a backchannel, our own echo or nothing while we talk (or are about to resume): talk on
         if self._agent_busy():
-            self._interrupt("final")
+            self._interrupt("final", self._when(event.get("speech_start_ms", self._received_ms)))
         self.resume = None
         self._idle_prompted = False
         if speculation:
@@ -354,11 +354,11 @@ class Call:
         ours = set(words_of(recent))
         return len(words) >= 2 and sum(w in ours for w in words) / len(words) >= 0.8
 
-    def _interrupt(self, why: str) -> None:
+    def _interrupt(self, why: str, onset: float | None = None) -> None:
         """Barge-in: clear Twilio's buffer, cancel the turn's requests, keep what was heard, listen."""
         if not self._agent_busy():
             return
-        onset = self.overlap.onset if self.overlap else time.monotonic()
+        onset = self.overlap.onset if self.overlap else onset or time.monotonic()
         if self.overlap and self.overlap.timer:
             self.overlap.timer.cancel()
         self.overlap = None
@@ -374,7 +374,8 @@ class Call:
         if said:
             self._remember_assistant(said + INTERRUPTED)
         unsaid = turn.clauses[turn.heard_whole():] if turn else []
-        self.resume = (cleared + self.settings.false_interruption_ms / 1000, unsaid) if unsaid else None
+        whole = " ".join(turn.clauses[:turn.heard_whole()]) if turn else ""
+        self.resume = (cleared + self.settings.false_interruption_ms / 1000, unsaid, said, whole) if unsaid else None
         record = {"event": "barge_in", "call": self.call_sid, "why": why,
                   "onset_to_clear_ms": round((cleared - onset) * 1000, 1), "heard": heard.text}
         self.barge_ins.append(record)
@@ -393,19 +394,26 @@ class Call:
 
     async def _maybe_resume(self, plan) -> None:
         """A false interruption (no words came): say the cut clause again, from its start."""
-        deadline, clauses = plan
+        deadline, clauses, said, whole = plan
         await asyncio.sleep(max(deadline - time.monotonic(), 0))
         while self._caller_speaking and self.resume is plan:
             await asyncio.sleep(0.05)
         if self.resume is not plan or self.turn is not None:
             return
         self.resume = None
-        if self.history and self.history[-1]["role"] == "assistant" \
-                and self.history[-1]["content"].endswith(INTERRUPTED):
-            self.history.pop()  # the whole reply will be heard after all
+        note = (said or "") + INTERRUPTED
+        if said and self.history and self.history[-1]["role"] == "assistant" \
+                and self.history[-1]["content"].endswith(note):
+            # the cut clause will be heard whole after all: keep the clauses heard before it, drop the rest
+            kept = " ".join(filter(None, [self.history[-1]["content"][:-len(note)].strip(), whole]))
+            if kept:
+                self.history[-1]["content"] = kept
+            else:
+                self.history.pop()
         telemetry.BARGE_INS.labels("resumed").inc()
         log.info(json.dumps({"event": "resume", "call": self.call_sid, "clauses": len(clauses)}))
         turn = Turn(self.turns, "", telemetry.TurnTimes())
+        turn.committed.set()  # its audio plays at once (an uncommitted turn holds it back, like a speculation)
         self.turn = turn
         turn.task = self._spawn(self._speak_clauses(turn, clauses), "resume-turn")
 
@@ -417,6 +425,7 @@ class Call:
         self._drop_speculation()
         times = telemetry.TurnTimes(speech_end=self._when(self._speech_stop_ms))
         self.speculation = self._start_turn(text, times)
+        log.debug(json.dumps({"event": "speculating", "call": self.call_sid, "text": text}))
 
     def _drop_speculation(self) -> None:
         if self.speculation:
@@ -479,8 +488,9 @@ class Call:
         for attempt in (1, 2):
             chunker = ClauseChunker()
             turn.times.llm_request = time.monotonic()
+            # small llms copy the history's " [interrupted]" into their replies: never let it be spoken
             deltas = self.triton.llm(messages, self.settings.llm_max_tokens, self.settings.llm_temperature,
-                                     request_id=f"{self.call_sid}:{turn.number}:{attempt}")
+                                     stop=[INTERRUPTED.strip()], request_id=f"{self.call_sid}:{turn.number}:{attempt}")
             try:
                 first = await asyncio.wait_for(anext(deltas), self.settings.llm_first_token_timeout)
             except StopAsyncIteration:

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "model_repository"
 MODELS = ("asr", "llm", "tts")
+SHM_BYTES = 64 << 20
 
 log = logging.getLogger("edge.tritonserver")
 
@@ -87,7 +88,10 @@ class TritonServer:
                "--model-control-mode=explicit",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
-               "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}"]
+               "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}",
+               # each Python model talks to its stub through shared memory; growing that region while
+               # responses are in flight crashed the backend under load, so it starts large enough
+               f"--backend-config=python,shm-default-byte-size={SHM_BYTES}"]
         cmd += [f"--load-model={m}" for m in self.models]
         return cmd
 

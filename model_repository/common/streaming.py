@@ -6,9 +6,11 @@ for bad input) and yields output dicts from `stream()`. This module:
 
 * hands each request to a worker thread with its response sender, so
   `execute` returns at once and one slow request never blocks another;
-* polls `request.is_cancelled()` between outputs and closes the engine's
-  generator, so a cancelled request stops the engine's work, not just the
-  client's reading;
+* polls the response sender's `is_cancelled()` between outputs and closes the
+  engine's generator, so a cancelled request stops the engine's work, not just
+  the client's reading. Never `request.is_cancelled()` outside `execute`: the
+  Python backend releases every request when `execute` returns, and asking a
+  released request crashed tritonserver 2.51 (the sender lives until FINAL);
 * puts FINAL on a response that carries data (`closing_outputs()`), because
   an empty final response never reaches the asyncio gRPC client;
 * turns bad input into an INVALID_ARG error for that request alone and any
@@ -189,9 +191,9 @@ class StreamingModel:
             self.metrics.requests.increment(1)
             key = self.lane(job)
             if key is None:
-                self._pool.submit(self._serve, request, sender, job)
+                self._pool.submit(self._serve, sender, job)
             else:
-                self._enqueue(key, (request, sender, job))
+                self._enqueue(key, (sender, job))
         return None
 
     def finalize(self) -> None:
@@ -215,22 +217,22 @@ class StreamingModel:
                 if not queue:
                     del self._lanes[key]
                     return
-                request, sender, job = queue.popleft()
-            self._serve(request, sender, job)
+                sender, job = queue.popleft()
+            self._serve(sender, job)
 
-    def _serve(self, request, sender, job) -> None:
+    def _serve(self, sender, job) -> None:
         self.metrics.active.increment(1)
         reason = "stop"
-        outputs = self.stream(job, request.is_cancelled)
+        outputs = self.stream(job, sender.is_cancelled)
         try:
             for out in outputs:
-                if request.is_cancelled():
+                if sender.is_cancelled():
                     reason = "cancelled"
                     break
                 sender.send(response(out))
                 self.metrics.outputs.increment(1)
             else:
-                if request.is_cancelled():
+                if sender.is_cancelled():
                     reason = "cancelled"
         except RequestError as e:
             self.metrics.failed.increment(1)

@@ -294,7 +294,8 @@ class Listener:
             return []
         turn.heard_until, turn.heard_text, turn.heard_at_pause = job.end, text, job.kind == "pause"
         events = []
-        if text and turn.text() != turn.last_partial:
+        if text and (turn.text() != turn.last_partial or job.kind == "pause"):
+            # at a pause always: the edge starts its reply on it (speculatively) before the endpoint
             turn.last_partial = turn.text()
             events.append({"type": "partial", "text": turn.last_partial, "audio_ms": ms(job.end)})
         self._commit_if_long()

@@ -52,8 +52,7 @@ class Call:
         self.id = call_id
         self.listener = listener
         self.lock = threading.Lock()
-        self.request = None
-        self.sender = None
+        self.sender = None  # of the call's newest request, held open for its events
         self.last_seen = time.monotonic()
         self.closed = False
 
@@ -164,10 +163,10 @@ class TritonPythonModel(StreamingModel):
                     self._drop(request.correlation_id(), None)
                 continue
             self.metrics.requests.increment(1)
-            self._accept(request, sender, call_id, audio, start, end)
+            self._accept(sender, call_id, audio, start, end)
         return None
 
-    def _accept(self, request, sender, call_id, audio, start, end) -> None:
+    def _accept(self, sender, call_id, audio, start, end) -> None:
         with self.calls_lock:
             call = self.calls.get(call_id)
         if call is not None and start:
@@ -187,7 +186,7 @@ class TritonPythonModel(StreamingModel):
                 sender.send(error(f"call {call_id!r} was dropped; start a new stream",
                                   pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
                 return
-            previous, call.request, call.sender, call.last_seen = call.sender, request, sender, time.monotonic()
+            previous, call.sender, call.last_seen = call.sender, sender, time.monotonic()
             try:
                 if previous is not None:
                     previous.send(flags=FINAL)
@@ -212,7 +211,7 @@ class TritonPythonModel(StreamingModel):
                 call.sender.send(error(f"asr failed: {e}", pb_utils.TritonError.INTERNAL), flags=FINAL)
             except Exception:
                 log.debug("asr: could not report the failure of call %s", call.id, exc_info=True)
-            call.sender = call.request = None
+            call.sender = None
         self._forget(call)
 
     def _next(self, call: Call) -> None:
@@ -224,7 +223,7 @@ class TritonPythonModel(StreamingModel):
             call.sender.send(response({"EVENT": json.dumps({"type": "end", "audio_ms": call.listener.audio_ms})}),
                              flags=FINAL)
             self.metrics.outputs.increment(1)
-            call.sender = call.request = None
+            call.sender = None
             self._forget(call)
 
     def _forget(self, call: Call) -> None:
@@ -266,7 +265,7 @@ class TritonPythonModel(StreamingModel):
                     call.sender.send(answer, flags=FINAL)
                 except Exception:  # the request may already be gone with its stream
                     log.debug("asr: could not finish the open request of call %s", call.id, exc_info=True)
-                call.sender = call.request = None
+                call.sender = None
             self._forget(call)
 
     def _drop(self, call_id, answer) -> None:
@@ -287,7 +286,8 @@ class TritonPythonModel(StreamingModel):
             calls = list(self.calls.values())
         for call in calls:
             with call.lock:
-                cancelled = call.request is not None and call.request.is_cancelled()
+                # the sender, not the request: Triton releases a request when execute returns
+                cancelled = call.sender is not None and call.sender.is_cancelled()
             if cancelled:
                 self.metrics.cancelled.increment(1)
                 self._close(call, error("request cancelled", pb_utils.TritonError.CANCELLED))
