@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from edge import signature
+from edge import signature, telemetry
 from edge.call import Call, Phrases
 from edge.settings import Settings, media_url, public_url, signatures_required
 from edge.triton import Triton
@@ -88,8 +88,10 @@ async def _triton_client(app: web.Application):
     texts = [settings.greeting, settings.filler_text, settings.apology_text,
              settings.idle_prompt_text, settings.idle_hangup_text]
     warmup = asyncio.create_task(_warm_up(app[TRITON], app[PHRASES], texts, settings))
+    lag = asyncio.create_task(telemetry.watch_loop_lag())
     yield
     warmup.cancel()
+    lag.cancel()
     for call in list(app[CALLS]):
         await call.ws.close()
     await app[TRITON].close()

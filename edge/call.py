@@ -36,6 +36,7 @@ from edge.triton import ModelError, Triton
 log = logging.getLogger("edge.call")
 
 MAX_BAD_MESSAGES = 20
+OVERLAP_PAUSE_S = 0.3  # a pause this short inside the caller's speech does not end an overlap
 ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
 INTERRUPTED = " [interrupted]"
 TRITON_ERRORS = (ModelError, ConnectionError, OSError)
@@ -95,10 +96,11 @@ class Call:
         self._tasks: set[asyncio.Task] = set()
         self._asr = None
         self._listener: asyncio.Task | None = None
-        self._upsampler = audio.Resampler(audio.TWILIO_RATE, audio.ASR_RATE)
+        self._upsampler = audio.Resampler(audio.TWILIO_RATE, audio.ASR_RATE, quality="QQ")  # no added delay
         self._audio_ms: list[float] = []  # caller audio received so far, ms at the end of each media message
         self._arrivals: list[float] = []  # and when each arrived
         self._received_ms = 0.0
+        self._asr_base_ms = 0.0  # call audio before the current asr stream began
         self._caller_speaking = False
         self._speech_stop_ms: float | None = None
         self._last_activity = time.monotonic()
@@ -236,8 +238,8 @@ class Call:
             self._asr.send(self._upsampler(audio.mulaw_to_pcm(mulaw)))
 
     def _when(self, audio_ms: float) -> float:
-        """The monotonic time the caller's audio at `audio_ms` reached us."""
-        i = bisect.bisect_left(self._audio_ms, audio_ms)
+        """The monotonic time the caller's audio at `audio_ms` (of the current asr stream) reached us."""
+        i = bisect.bisect_left(self._audio_ms, audio_ms + self._asr_base_ms)
         return self._arrivals[min(i, len(self._arrivals) - 1)] if self._arrivals else time.monotonic()
 
     async def _listen(self) -> None:
@@ -245,7 +247,9 @@ class Call:
         attempt, failures = 0, 0
         while self.state == "active":
             attempt += 1
-            self._asr = self._asr or self.triton.asr(f"{self.call_sid}:{attempt}")
+            if self._asr is None:  # a new stream counts its audio from 0: remember where the call was
+                self._asr_base_ms = self._received_ms
+                self._asr = self.triton.asr(f"{self.call_sid}:{attempt}")
             try:
                 async for event in self._asr.events():
                     failures = 0
@@ -267,24 +271,23 @@ class Call:
             self._caller_speaking = True
             self._drop_speculation()  # the caller goes on: the pause was not the end
             self._last_activity = time.monotonic()
-            if self._agent_busy() and self.overlap is None:
+            if self.overlap is not None:
+                self.overlap.speaking = True  # the same overlap goes on after a short pause
+            elif self._agent_busy():
                 self._overlap_began(self._when(event["audio_ms"]))
         elif kind == "speech_stop":
             self._caller_speaking = False
             self._speech_stop_ms = event["audio_ms"]
             self._last_activity = time.monotonic()
             if self.overlap:
-                self.overlap.speaking = False
-                if self.overlap.timer:
-                    self.overlap.timer.cancel()
-                self.overlap = None  # too short to be a barge-in: noise, a cough, a backchannel
+                self._overlap_paused(self.overlap)
         elif kind == "partial":
             if self.resume and self._meaningful(event.get("text", "")):
                 self.resume = None  # words came: it was a real interruption, do not resume
             if self.overlap and self._meaningful(event.get("text", "")):
                 self.overlap.words = event["text"]
                 if time.monotonic() - self.overlap.onset >= self.settings.barge_in_min_speech_ms / 1000:
-                    self._interrupt("words")
+                    self._interrupt("words")  # else the minimum-duration check interrupts
             elif not self._caller_speaking and self._speech_stop_ms is not None and not self._agent_busy():
                 self._speculate(event.get("text", "").strip())
         elif kind == "final":
@@ -324,17 +327,39 @@ class Call:
         return self.playback.speaking or (self.turn is not None and not self.turn.task.done())
 
     def _overlap_began(self, onset: float) -> None:
-        """Caller speech while we talk: wait the minimum duration, then interrupt if it is still going."""
+        """Caller speech while we talk: at the minimum duration, words that are not a backchannel interrupt;
+        speech that goes on past the words' wait interrupts whatever it says."""
         self.overlap = overlap = Overlap(onset)
-        loop = asyncio.get_running_loop()
-        min_s = self.settings.barge_in_min_speech_ms / 1000
-        # words decide sooner; long speech without a transcript yet interrupts anyway
-        wait = max(onset + min_s + self.settings.barge_in_wait_words_ms / 1000 - time.monotonic(), 0)
-        overlap.timer = loop.call_later(wait, self._overlap_timeout, overlap)
+        self._overlap_at(overlap, self.settings.barge_in_min_speech_ms, self._overlap_minimum)
+
+    def _overlap_at(self, overlap: Overlap, after_ms: float, check) -> None:
+        wait = max(overlap.onset + after_ms / 1000 - time.monotonic(), 0)
+        overlap.timer = asyncio.get_running_loop().call_later(wait, check, overlap)
+
+    def _overlap_minimum(self, overlap: Overlap) -> None:
+        if self.overlap is not overlap:
+            return
+        if overlap.words:
+            self._interrupt("words")
+        else:
+            self._overlap_at(overlap, self.settings.barge_in_min_speech_ms + self.settings.barge_in_wait_words_ms,
+                             self._overlap_timeout)
 
     def _overlap_timeout(self, overlap: Overlap) -> None:
         if self.overlap is overlap and overlap.speaking:
             self._interrupt("duration")
+
+    def _overlap_paused(self, overlap: Overlap) -> None:
+        """The caller stopped; a pause inside a sentence keeps the overlap (and its onset) alive a moment."""
+        overlap.speaking = False
+
+        def expire():
+            if self.overlap is overlap and not overlap.speaking:
+                if overlap.timer:
+                    overlap.timer.cancel()
+                self.overlap = None  # too short to be a barge-in: noise, a cough, a backchannel
+
+        asyncio.get_running_loop().call_later(OVERLAP_PAUSE_S, expire)
 
     def _meaningful(self, text: str) -> bool:
         """Words that are neither a backchannel nor the echo of what we are saying."""
@@ -352,7 +377,7 @@ class Call:
             return False
         recent = " ".join((self.turn.clauses[-3:] if self.turn else []) + self.playback.recent_text())
         ours = set(words_of(recent))
-        return len(words) >= 2 and sum(w in ours for w in words) / len(words) >= 0.8
+        return len(words) >= 3 and sum(w in ours for w in words) / len(words) >= 0.8
 
     def _interrupt(self, why: str, onset: float | None = None) -> None:
         """Barge-in: clear Twilio's buffer, cancel the turn's requests, keep what was heard, listen."""

@@ -27,7 +27,7 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 DEFAULT_BACKCHANNELS = ("uh-huh", "uh huh", "mm-hmm", "mhm", "hmm", "mm", "yeah", "yep", "yes", "okay", "ok",
-                        "right", "sure", "alright", "i see", "got it")
+                        "right", "sure", "alright", "i see", "got it", "oh", "ah", "uh", "um")
 
 
 class Settings(BaseSettings):

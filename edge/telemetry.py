@@ -9,6 +9,7 @@ first_frame - speech_end.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -33,6 +34,8 @@ MESSAGES_DROPPED = Counter("edge_messages_dropped_total", "Twilio messages dropp
 BARGE_INS = Counter("edge_barge_ins_total", "Interruptions by the caller", ["outcome"])
 SPECULATIONS = Counter("edge_speculative_replies_total", "Replies started at a pause, before the final transcript",
                        ["outcome"])
+LOOP_LAG_SECONDS = Histogram("edge_event_loop_lag_seconds", "How late the event loop woke a 10 ms timer",
+                             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
 BARGE_IN_SECONDS = Histogram("edge_barge_in_seconds", "Caller speech onset to clear sent", buckets=_BUCKETS)
 
 
@@ -75,6 +78,15 @@ def record_turn(call_sid: str, turn: int, times: TurnTimes, **extra) -> dict:
               **{f"{k}_ms": round(v * 1000, 1) for k, v in stages.items()}, **extra}
     log.info(json.dumps(record))
     return record
+
+
+async def watch_loop_lag(interval: float = 0.01) -> None:
+    """Export how late the event loop runs: every call's 20 ms pacing depends on it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval)
+        LOOP_LAG_SECONDS.observe(max(loop.time() - start - interval, 0.0))
 
 
 def setup_tracing(exporter: str) -> None:

@@ -49,8 +49,8 @@ def _text(result: InferResult, name: str) -> str:
 
 
 async def _drain(responses, timeout: float = 2.0) -> None:
-    """Let the server end a finished stream itself. Cancelling a request that has just completed races
-    with its release inside tritonserver 2.51 (and has crashed it), so a finished stream is read to its end."""
+    """Let the server end a finished stream itself: cancelling a request that has just completed is
+    needless work on the server and races with its release in Triton's gRPC frontend (server#7840)."""
     async def rest():
         async for _ in responses:
             pass

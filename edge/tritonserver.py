@@ -89,8 +89,8 @@ class TritonServer:
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", "--allow-metrics=true", "--allow-gpu-metrics=false",
                "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}",
-               # each Python model talks to its stub through shared memory; growing that region while
-               # responses are in flight crashed the backend under load, so it starts large enough
+               # each Python model talks to its stub through shared memory: start it big enough for
+               # seconds of audio in flight rather than growing it 1 MB at a time
                f"--backend-config=python,shm-default-byte-size={SHM_BYTES}"]
         cmd += [f"--load-model={m}" for m in self.models]
         return cmd

@@ -34,10 +34,7 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.triton import Triton
+from perf.common import free_port, machine_info
 from tests.speech import Recording, recordings, word_errors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,36 +107,6 @@ def end_of_speech(pcm: np.ndarray) -> int:
             runs.append([i, i + 1])
     runs = [r for r in runs if r[1] - r[0] >= 5] or runs
     return int(runs[-1][1] * win) if runs else len(pcm)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
-    except (ValueError, OSError):
-        mem_gib = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "memory_gib": mem_gib, "python": platform.python_version(), "platform": platform.platform(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-            "loadavg_start": list(os.getloadavg())}
 
 
 async def model_parameters(triton: Triton, model: str) -> dict:

@@ -13,7 +13,7 @@ import pytest
 from edge import audio, protocol
 from edge.app import CALLS
 from edge.signature import sign, sign_websocket
-from edge.simulate import CallerTurn, run_call
+from edge.simulate import run_call
 from edge.triton import Triton
 from tests.metrics import ascrape
 from tests.speech import recording, wer, word_errors, words

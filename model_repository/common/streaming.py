@@ -111,16 +111,33 @@ def error(message: str, code) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
+class _Serialized:
+    """A custom metric whose updates never overlap: the Python backend of tritonserver 2.51 crashed
+    (SIGSEGV in Metric::Increment) when a model's threads updated its metrics at the same time."""
+
+    def __init__(self, metric, lock: threading.Lock):
+        self._metric, self._lock = metric, lock
+
+    def increment(self, value: float) -> None:
+        with self._lock:
+            self._metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._metric.set(value)
+
+
 class Metrics:
     """Counters in Triton's /metrics (port 8002), labelled by model: the server-side proof of work done."""
 
     def __init__(self, model: str):
         self._families = []  # a MetricFamily must outlive its Metrics
+        lock = threading.Lock()
 
         def metric(name, doc, kind):
             family = pb_utils.MetricFamily(name=name, description=doc, kind=kind)
             self._families.append(family)
-            return family.Metric(labels={"model": model})
+            return _Serialized(family.Metric(labels={"model": model}), lock)
 
         def counter(name, doc):
             return metric(name, doc, pb_utils.MetricFamily.COUNTER)
