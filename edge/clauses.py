@@ -25,7 +25,7 @@ def speakable(text: str) -> str:
 class ClauseChunker:
     """Feed deltas with `push()`, collect complete clauses; `flush()` returns the rest at the end."""
 
-    def __init__(self, first_min_words: int = 3, first_max_words: int = 8, min_words: int = 6, max_chars: int = 240):
+    def __init__(self, first_min_words: int = 2, first_max_words: int = 6, min_words: int = 6, max_chars: int = 240):
         self.first_min_words, self.first_max_words = first_min_words, first_max_words
         self.min_words, self.max_chars = min_words, max_chars
         self._buffer = ""
