@@ -24,8 +24,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 from aiohttp import web
+from tritonclient.utils import InferenceServerException
 
 from edge import audio, protocol, telemetry
 from edge.clauses import ClauseChunker
@@ -39,15 +41,8 @@ MAX_BAD_MESSAGES = 20
 OVERLAP_PAUSE_S = 0.3  # a pause this short inside the caller's speech does not end an overlap
 ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
 INTERRUPTED = " [interrupted]"
-TRITON_ERRORS = (ModelError, ConnectionError, OSError)
-
-
-def _triton_errors():
-    """What a dead or failing Triton raises through the gRPC client."""
-    import grpc
-    from tritonclient.utils import InferenceServerException
-
-    return TRITON_ERRORS + (grpc.aio.AioRpcError, InferenceServerException)
+#: what a dead or failing Triton raises through the gRPC client
+TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError, InferenceServerException)
 
 
 @dataclass
@@ -255,7 +250,7 @@ class Call:
                     failures = 0
                     self._on_asr(event)
                 return
-            except _triton_errors() as e:
+            except TRITON_ERRORS as e:
                 log.warning(json.dumps({"event": "asr_failed", "call": self.call_sid, "error": str(e)[:300]}))
                 self._asr.cancel()
                 self._asr = None
@@ -520,7 +515,7 @@ class Call:
                 first = await asyncio.wait_for(anext(deltas), self.settings.llm_first_token_timeout)
             except StopAsyncIteration:
                 return
-            except (asyncio.TimeoutError, *_triton_errors()) as e:
+            except (asyncio.TimeoutError, *TRITON_ERRORS) as e:
                 await deltas.aclose()
                 log.warning(json.dumps({"event": "llm_failed", "call": self.call_sid, "turn": turn.number,
                                         "attempt": attempt, "error": repr(e)[:300]}))
@@ -533,7 +528,7 @@ class Call:
                 async for delta in deltas:
                     for clause in chunker.push(delta):
                         await self._clause(turn, clauses, clause)
-            except _triton_errors() as e:
+            except TRITON_ERRORS as e:
                 log.warning(json.dumps({"event": "llm_failed", "call": self.call_sid, "turn": turn.number,
                                         "error": repr(e)[:300]}))
             finally:
@@ -594,7 +589,7 @@ class Call:
                     out(audio.pcm_to_mulaw(downsampler(samples)))
                 if downsampler is not None:
                     out(audio.pcm_to_mulaw(downsampler(np.zeros(0, np.int16), last=True)))
-            except _triton_errors() as e:
+            except TRITON_ERRORS as e:
                 log.warning(json.dumps({"event": "tts_failed", "call": self.call_sid, "clause": clause[:80],
                                         "error": repr(e)[:300]}))
             await turn.committed.wait()

@@ -127,10 +127,6 @@ class Playback:
         """The texts of the last chunks played and of those queued: what an echo could repeat."""
         return [c.text for c in self._recent] + [c.text for c in self._chunks]
 
-    @property
-    def pending_seconds(self) -> float:
-        return sum(c.seconds for c in self._chunks[self._next:]) - self._frame * FRAME_MS / 1000
-
     # -- Twilio's side -------------------------------------------------------------
     def marked(self, name: str) -> None:
         """Twilio echoed a mark: that chunk, and every one before it, was played."""

@@ -144,6 +144,24 @@ class CallReport:
         _write_wav(path, both)
 
 
+def _caller_frame_sent(call, report: "TurnReport", sounding: bool, frames: int, t: float) -> None:
+    """Account for the caller frame just sent at `t` (a `_Call`, or perf/swarm.py's lean caller): speech
+    start and end of the turn, when to start waiting for the reply, and the move to the next turn."""
+    if sounding:
+        if report.speech_start is None:
+            report.speech_start = t
+        report.speech_end = t + FRAME_S
+        # a reply only counts once the caller has finished: start over if speech resumes
+        call.wait_ref, call.reply_heard_at, report.reply_first_heard_at = report.speech_end, None, None
+    call.frame_index += 1
+    if call.frame_index == frames:
+        report.ended_at = t + FRAME_S
+        if report.speech_end is None:  # a silent turn: wait for whatever the agent says next
+            call.wait_ref = report.ended_at
+        call.prev_end = report.ended_at
+        call.frame_index, call.turn_index = -1, call.turn_index + 1
+
+
 def _round(v):
     return round(v, 4) if isinstance(v, float) else v
 
@@ -372,20 +390,7 @@ class _Call:
             self.frame_index = 0
         if self.frame_index >= 0:
             frame, k = self.frames[self.frame_index], self.frame_index
-            report = r.turns[-1]
-            if self.sounding[k]:
-                if report.speech_start is None:
-                    report.speech_start = t
-                report.speech_end = t + FRAME_S
-                # a reply only counts once the caller has finished: start over if speech resumes
-                self.wait_ref, self.reply_heard_at, report.reply_first_heard_at = report.speech_end, None, None
-            self.frame_index += 1
-            if self.frame_index == len(self.frames):
-                report.ended_at = t + FRAME_S
-                if report.speech_end is None:  # a silent turn: wait for whatever the agent says next
-                    self.wait_ref = report.ended_at
-                self.prev_end = report.ended_at
-                self.frame_index, self.turn_index = -1, self.turn_index + 1
+            _caller_frame_sent(self, r.turns[-1], self.sounding[k], len(self.frames), t)
         else:
             frame = SILENCE
         self.chunk += 1

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -41,6 +42,13 @@ def _wheel_dir() -> Path:
 
 def _wheel_libs() -> Path:
     return Path(sysconfig.get_paths()["purelib"]) / "nvidia_pytriton.libs"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (tests and benchmarks start servers on them)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def python_backend_dir(cache: Path) -> Path:

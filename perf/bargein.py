@@ -51,7 +51,8 @@ from edge.app import PHRASES, SETTINGS, create_app
 from edge.call import Call
 from edge.settings import Settings
 from edge.simulate import CallerTurn
-from perf.common import command_line, free_port, machine_info, stats
+from edge.tritonserver import free_port
+from perf.common import command_line, machine_info, stats
 from tests.barge import (INTERRUPTIONS, LONG_REPLIES_PROMPT, CancelWatch, caller, run_call, speech_level, synthesize,
                          white_noise)
 

@@ -26,8 +26,7 @@ from contextlib import aclosing
 from pathlib import Path
 
 from edge.triton import Triton
-from edge.tritonserver import TritonServer
-from perf.common import free_port
+from edge.tritonserver import TritonServer, free_port
 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant on the phone."},
             {"role": "user", "content": "Tell me about the weather and your day, please."}]

@@ -7,7 +7,6 @@ import datetime as dt
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -22,12 +21,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: fine buckets for event-loop lag (seconds)
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command_line() -> str:

@@ -56,8 +56,8 @@ import numpy as np
 
 from edge import audio
 from edge.simulate import CallerTurn, run_call
-from edge.tritonserver import TritonServer
-from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, free_port, histogram_delta, histogram_quantile,
+from edge.tritonserver import TritonServer, free_port
+from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta, histogram_quantile,
                          histograms, jitter_and_glitches, machine_cpu, machine_info, reply_gaps, scrape, stats,
                          wait_quiet)
 from perf.swarm import Prepared, Swarm, prepare

@@ -55,7 +55,8 @@ import numpy as np
 
 from edge import audio
 from edge.simulate import CallerTurn, run_call
-from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, free_port, histogram_delta, histogram_quantile,
+from edge.tritonserver import free_port
+from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta, histogram_quantile,
                          histograms, machine_cpu, machine_info, reply_gaps, scrape, stats, wait_quiet)
 from tests.speech import recordings
 

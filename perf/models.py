@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.triton import Triton
-from perf.common import free_port, machine_info
+from edge.tritonserver import free_port
+from perf.common import machine_info, pct
 from tests.speech import Recording, recordings, word_errors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,16 +75,11 @@ TTS_SENTENCES = {
 
 # ---------------------------------------------------------------- helpers
 
-def percentile(values: list[float], q: float) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.percentile(values, q)) if values else None
-
-
 def stats(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"n": 0}
-    return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
+    return {"n": len(values), "p50": pct(values, 50), "p95": pct(values, 95),
             "mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
 

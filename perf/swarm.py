@@ -38,7 +38,8 @@ import aiohttp
 import numpy as np
 
 from edge import audio, protocol
-from edge.simulate import SILENCE, CallerTurn, CallReport, Frame, MarkEcho, TurnReport, _finish_turns
+from edge.simulate import (SILENCE, CallerTurn, CallReport, Frame, MarkEcho, TurnReport, _caller_frame_sent,
+                           _finish_turns)
 
 FRAME = audio.FRAME_BYTES
 FRAME_S = audio.FRAME_MS / 1000
@@ -191,19 +192,7 @@ class _Call:
         if self.frame_index >= 0:
             k, cur = self.frame_index, self.current
             payload = cur.payloads[k]
-            report = r.turns[-1]
-            if cur.sounding[k]:
-                if report.speech_start is None:
-                    report.speech_start = t
-                report.speech_end = t + FRAME_S
-                self.wait_ref, self.reply_heard_at, report.reply_first_heard_at = report.speech_end, None, None
-            self.frame_index += 1
-            if self.frame_index == len(cur.payloads):
-                report.ended_at = t + FRAME_S
-                if report.speech_end is None:
-                    self.wait_ref = report.ended_at
-                self.prev_end = report.ended_at
-                self.frame_index, self.turn_index = -1, self.turn_index + 1
+            _caller_frame_sent(self, r.turns[-1], cur.sounding[k], len(cur.payloads), t)
         else:
             payload = _SILENCE_B64
         self.chunk += 1

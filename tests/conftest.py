@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
-from edge.tritonserver import MODELS, TritonServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from edge.tritonserver import MODELS, TritonServer, free_port
 
 
 @pytest.fixture(scope="session")
