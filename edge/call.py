@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import difflib
 import json
 import logging
 import time
@@ -40,6 +41,10 @@ log = logging.getLogger("edge.call")
 MAX_BAD_MESSAGES = 20
 OVERLAP_PAUSE_S = 0.3  # a pause this short inside the caller's speech does not end an overlap
 ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
+#: caller audio goes to asr in ASR_BATCH_MS this long after a frame with sound, and after the asr's speech_stop
+#: until the turn's final (at most this long: noise brings none): onsets and endpoints are not held back
+SOUND_ATTENTION_S = 0.5
+ENDPOINT_ATTENTION_S = 2.0
 INTERRUPTED = " [interrupted]"
 #: what a dead or failing Triton raises through the gRPC client
 TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError, InferenceServerException)
@@ -98,6 +103,9 @@ class Call:
         self._asr_base_ms = 0.0  # call audio before the current asr stream began
         self._caller_speaking = False
         self._speech_stop_ms: float | None = None
+        self._attentive_until = 0.0  # monotonic time until which caller audio goes to asr in ASR_BATCH_MS
+        self._held: list[bytes] = []  # caller audio not yet sent to asr
+        self._held_ms = 0.0
         self._last_activity = time.monotonic()
         self._idle_prompted = False
         self._bad_messages = 0
@@ -181,6 +189,7 @@ class Call:
             self.turn.task.cancel()
         if self._asr is not None:
             # end the asr sequence properly (a cancelled one holds a batcher slot until it idles out)
+            self._send_held()
             self._asr.end()
             try:
                 await asyncio.wait_for(asyncio.shield(self._listener), 2.0)
@@ -223,14 +232,32 @@ class Call:
 
     # -- listening -------------------------------------------------------------------
     def _hear(self, mulaw: bytes) -> None:
-        """Caller audio: decode, upsample, stream to asr; remember when each millisecond arrived."""
+        """Caller audio: remember when each millisecond arrived; decode, upsample and stream it to asr.
+
+        Frames go to asr in batches (fewer gRPC requests: each costs the edge and Triton alike):
+        ASR_BATCH_MS while the caller may be talking (a frame with sound, their speech, an endpoint
+        pending), ASR_QUIET_BATCH_MS on a quiet line. The frame that brings sound goes at once."""
+        now = time.monotonic()
         self._received_ms += len(mulaw) * 1000 / audio.TWILIO_RATE
         self._audio_ms.append(self._received_ms)
-        self._arrivals.append(time.monotonic())
+        self._arrivals.append(now)
         if len(self._arrivals) > ARRIVALS_KEPT:  # only recent audio is ever looked up
             del self._audio_ms[:ARRIVALS_KEPT // 2], self._arrivals[:ARRIVALS_KEPT // 2]
-        if self._asr is not None:
-            self._asr.send(self._upsampler(audio.mulaw_to_pcm(mulaw)))
+        self._held.append(mulaw)
+        self._held_ms += len(mulaw) * 1000 / audio.TWILIO_RATE
+        if audio.mulaw_has_sound(mulaw):
+            flush = now >= self._attentive_until  # an onset: the asr's VAD sees it now
+            self._attentive_until = max(self._attentive_until, now + SOUND_ATTENTION_S)
+        else:
+            flush = False
+        batch = self.settings.asr_batch_ms if now < self._attentive_until else self.settings.asr_quiet_batch_ms
+        if flush or self._held_ms >= batch:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        held, self._held, self._held_ms = self._held, [], 0.0
+        if self._asr is not None and held:
+            self._asr.send(self._upsampler(audio.mulaw_to_pcm(b"".join(held))))
 
     def _when(self, audio_ms: float) -> float:
         """The monotonic time the caller's audio at `audio_ms` (of the current asr stream) reached us."""
@@ -264,6 +291,7 @@ class Call:
         log.debug(json.dumps({"event": "asr", "call": self.call_sid, **event}))
         if kind == "speech_start":
             self._caller_speaking = True
+            self._attentive_until = float("inf")
             self._drop_speculation()  # the caller goes on: the pause was not the end
             self._last_activity = time.monotonic()
             if self.overlap is not None:
@@ -272,6 +300,7 @@ class Call:
                 self._overlap_began(self._when(event["audio_ms"]))
         elif kind == "speech_stop":
             self._caller_speaking = False
+            self._attentive_until = time.monotonic() + ENDPOINT_ATTENTION_S
             self._speech_stop_ms = event["audio_ms"]
             self._last_activity = time.monotonic()
             if self.overlap:
@@ -294,9 +323,8 @@ class Call:
         text = event.get("text", "").strip()
         self._last_activity = time.monotonic()
         self._caller_speaking = False
-        if self.overlap and self.overlap.timer:
-            self.overlap.timer.cancel()
-        self.overlap = None
+        self._attentive_until = self._last_activity
+        self._end_overlap()
         speculation, self.speculation = self.speculation, None
         if speculation and (words_of(speculation.user_text) != words_of(text) or self._agent_busy()):
             speculation.task.cancel()
@@ -332,13 +360,27 @@ class Call:
         overlap.timer = asyncio.get_running_loop().call_later(wait, check, overlap)
 
     def _overlap_minimum(self, overlap: Overlap) -> None:
+        """Speech has lasted the minimum: words interrupt; without them yet, the agent pauses (stops sending:
+        silent within the outbound lead) while the asr tells words from a backchannel or a cough."""
         if self.overlap is not overlap:
             return
         if overlap.words:
             self._interrupt("words")
-        else:
-            self._overlap_at(overlap, self.settings.barge_in_min_speech_ms + self.settings.barge_in_wait_words_ms,
-                             self._overlap_timeout)
+            return
+        self.playback.hold()
+        log.info(json.dumps({"event": "paused", "call": self.call_sid,
+                             "onset_ms_ago": round((time.monotonic() - overlap.onset) * 1000, 1)}))
+        self._overlap_at(overlap, self.settings.barge_in_min_speech_ms + self.settings.barge_in_wait_words_ms,
+                         self._overlap_timeout)
+
+    def _end_overlap(self) -> None:
+        """The overlap is over without a barge-in (or a final decides next): a paused agent goes on."""
+        if self.overlap and self.overlap.timer:
+            self.overlap.timer.cancel()
+        self.overlap = None
+        if self.playback.held:
+            self.playback.release()
+            log.info(json.dumps({"event": "unpaused", "call": self.call_sid}))
 
     def _overlap_timeout(self, overlap: Overlap) -> None:
         if self.overlap is overlap and overlap.speaking:
@@ -350,9 +392,7 @@ class Call:
 
         def expire():
             if self.overlap is overlap and not overlap.speaking:
-                if overlap.timer:
-                    overlap.timer.cancel()
-                self.overlap = None  # too short to be a barge-in: noise, a cough, a backchannel
+                self._end_overlap()  # too short to be a barge-in: noise, a cough, a backchannel
 
         asyncio.get_running_loop().call_later(OVERLAP_PAUSE_S, expire)
 
@@ -367,16 +407,16 @@ class Call:
         return not self._is_echo(words)
 
     def _is_echo(self, words: list[str]) -> bool:
-        """Speakerphone echo: the transcript is mostly words of what we said in the last seconds."""
+        """Speakerphone echo: the transcript repeats what we said in the last seconds (`repeats`)."""
         if not self.turn and not self.playback.speaking:
             return False
         recent = " ".join((self.turn.clauses[-3:] if self.turn else []) + self.playback.recent_text())
-        ours = set(words_of(recent))
-        return len(words) >= 3 and sum(w in ours for w in words) / len(words) >= 0.8
+        return repeats(words, words_of(recent))
 
     def _interrupt(self, why: str, onset: float | None = None) -> None:
         """Barge-in: clear Twilio's buffer, cancel the turn's requests, keep what was heard, listen."""
         if not self._agent_busy():
+            self._end_overlap()
             return
         onset = self.overlap.onset if self.overlap else onset or time.monotonic()
         if self.overlap and self.overlap.timer:
@@ -547,6 +587,12 @@ class Call:
         while (clause := await clauses.get()) is not None:
             await self._speak(turn, clause)
 
+    async def _speak(self, turn: Turn, clause: str) -> None:
+        """Synthesize just in time (TTS_AHEAD_S of audio queued at most): tts work for a reply that is cut off
+        is never done, and it does not compete with the asr that listens for the interruption."""
+        await self.playback.below(self.settings.tts_ahead_s)
+        await self._synthesize(turn, clause)
+
     async def _speak_clauses(self, turn: Turn, texts: list[str]) -> None:
         """Say already-written clauses (resuming after a false interruption)."""
         try:
@@ -559,7 +605,7 @@ class Call:
             if self.turn is turn:
                 self.turn = None
 
-    async def _speak(self, turn: Turn, clause: str) -> None:
+    async def _synthesize(self, turn: Turn, clause: str) -> None:
         """One clause through tts into the playback queue, as the audio comes; a failed clause is skipped.
 
         A speculative turn's audio is synthesized but held until the turn is committed."""
@@ -640,6 +686,15 @@ class Call:
             log.info(json.dumps({"event": "hangup_idle", "call": self.call_sid}))
             await self.ws.close()  # ends <Connect><Stream>; with no TwiML after it, the call ends
             return
+
+
+def repeats(heard: list[str], said: list[str]) -> bool:
+    """Three words or more, at least 80 % of them a stretch of `said` in the same order: an echo of our voice.
+    Order matters: a caller's own "I'm sorry, I did not understand" shares words with us, not their order."""
+    if len(heard) < 3:
+        return False
+    matching = difflib.SequenceMatcher(None, heard, said, autojunk=False).get_matching_blocks()
+    return sum(block.size for block in matching) / len(heard) >= 0.8
 
 
 def words_of(text: str) -> list[str]:

@@ -75,6 +75,7 @@ class Playback:
         self._names = itertools.count(1)
         self._recent: collections.deque[Chunk] = collections.deque(maxlen=3)  # last chunks played
         self.last_echo: float | None = None  # when Twilio last proved playback progress
+        self.held = False  # paused: nothing is sent until release() (the caller may be interrupting)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -107,6 +108,16 @@ class Playback:
         self.extend(chunk, mulaw)
         self.finish(chunk)
         return chunk
+
+    def queued_seconds(self) -> float:
+        """Audio queued and not sent yet: how far synthesis is ahead of the caller's ear."""
+        frames = sum(len(c.frames) for c in self._chunks[self._next:]) - self._frame
+        return max(frames, 0) * FRAME_MS / 1000
+
+    async def below(self, seconds: float) -> None:
+        """Wait until less than `seconds` of audio is queued (it leaves in real time)."""
+        while (excess := self.queued_seconds() - seconds) > 0:
+            await asyncio.sleep(excess)
 
     @property
     def speaking(self) -> bool:
@@ -141,6 +152,17 @@ class Playback:
                 break
         self._check_idle()
 
+    def hold(self) -> None:
+        """Stop sending (what Twilio already has, at most the lead, still plays); release() goes on from
+        the same frame."""
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._clock = None  # a new run: the frames after the pause are paced from now
+            self._wake.set()
+
     def clear(self) -> Heard:
         """Drop everything queued (the caller sent `clear`) and say what was heard.
 
@@ -151,6 +173,7 @@ class Playback:
         self._epoch += 1
         self._chunks, self._next, self._frame = [], 0, 0
         self._clock = None
+        self.held = False
         self._check_idle()
         return heard
 
@@ -165,6 +188,8 @@ class Playback:
         cut = unplayed[0]
         started = max(filter(None, [cut.first_sent + self.lead, self.last_echo]))
         fraction = min(max((now - started) / cut.seconds, 0.0), 1.0) if cut.seconds else 0.0
+        if self._next == 0 and cut.frames:  # the cut chunk is still being sent: no more than its sent frames
+            fraction = min(fraction, self._frame / len(cut.frames))  # (a hold stops the clock of what is heard)
         words = cut.text.split()
         return Heard(" ".join(words[:int(len(words) * fraction)]), cut, unplayed)
 
@@ -175,6 +200,10 @@ class Playback:
             if self._next >= len(self._chunks):
                 self._clock = None
                 self._check_idle()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.held:
                 self._wake.clear()
                 await self._wake.wait()
                 continue

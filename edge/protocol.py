@@ -223,9 +223,11 @@ def _dumps(message: dict) -> str:
 
 
 def media_message(stream_sid: str, mulaw: bytes) -> str:
-    """Outbound audio: 8 kHz mu-law bytes (the edge sends 160 = 20 ms at a time)."""
-    return _dumps({"event": "media", "streamSid": stream_sid,
-                   "media": {"payload": base64.b64encode(mulaw).decode("ascii")}})
+    """Outbound audio: 8 kHz mu-law bytes (the edge sends 160 = 20 ms at a time). Formatted by hand: this
+    runs 50 times a second per call while the agent talks (same JSON as `_dumps` would write)."""
+    payload = base64.b64encode(mulaw).decode("ascii")
+    return f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"{payload}"}}}}'
+
 
 
 def mark_message(stream_sid: str, name: str) -> str:

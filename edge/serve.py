@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+import uvloop
 from aiohttp import web
 
 from edge.app import create_app
@@ -43,7 +44,9 @@ def main() -> None:
         log.info("edge on http://%s:%d", settings.edge_host, settings.edge_port)
         log.info("Twilio voice webhook (POST): %s -> streams to %s%s", public_url(settings, "/twiml"),
                  media_url(settings), "" if signatures_required(settings) else " (signatures NOT checked)")
-        web.run_app(create_app(settings), host=settings.edge_host, port=settings.edge_port, print=None)
+        # uvloop: the same asyncio API with a libuv loop, a third less CPU per call on the edge (perf/README.md)
+        web.run_app(create_app(settings), host=settings.edge_host, port=settings.edge_port, print=None,
+                    loop=uvloop.new_event_loop())
     finally:
         if server:
             server.stop()

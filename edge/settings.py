@@ -84,6 +84,18 @@ class Settings(BaseSettings):
     outbound_lead_ms: int = Field(
         80, ge=0, le=1000, description="How far ahead of real time outbound audio is sent to Twilio: enough to ride "
                                        "out network jitter, small enough that a barge-in clear drops little.")
+    asr_batch_ms: int = Field(
+        40, ge=20, le=200, description="Caller audio goes to asr in requests of this many ms while the caller may be "
+                                       "talking (sound on the line, their speech, their turn's endpoint pending): "
+                                       "half the gRPC requests of 20 (every frame at once) for ~10 ms more latency "
+                                       "on the asr's 32 ms VAD windows; the frame that brings sound goes at once.")
+    asr_quiet_batch_ms: int = Field(
+        200, ge=20, le=1000, description="The same on a quiet line with no turn of the caller's pending (fewer "
+                                         "requests; the frame that brings sound goes at once).")
+    tts_ahead_s: float = Field(
+        3.0, ge=0.5, le=60, description="The next clause goes to tts when less than this much of the reply's audio "
+                                        "is waiting to be sent: enough to ride out a slow clause, and a barge-in "
+                                        "leaves little synthesized for nothing.")
     barge_in_min_speech_ms: int = Field(
         250, ge=0, description="Caller speech needed while the agent talks before it counts as an interruption.")
     barge_in_wait_words_ms: int = Field(

@@ -89,6 +89,7 @@ class TurnReport:
     reply_max_gap_ms: float | None = None  # largest inter-arrival gap of the reply's frames
     clears: int = 0
     clear_after_speech_ms: float | None = None  # barge-in: caller speech onset -> first clear
+    silent_after_speech_ms: float | None = None  # barge-in: caller speech onset -> the agent went quiet (heard)
     marks_echoed: int = 0
 
 
@@ -426,9 +427,23 @@ def _frames(samples: np.ndarray) -> tuple[list[bytes], list[bool]]:
     return frames, [audio.has_sound(audio.mulaw_to_pcm(f)) for f in frames]
 
 
+QUIET_TICKS = 20  # 400 ms without the agent's voice: it stopped (pauses inside its speech are shorter)
+
+
+def _quiet_after(loud: np.ndarray, t: float) -> float | None:
+    """ms from `t` to the first played tick that starts QUIET_TICKS of silence (`loud`: one flag per tick)."""
+    tick = int(np.ceil(t / FRAME_S))
+    if len(loud) - tick < QUIET_TICKS:
+        return None
+    quiet = np.lib.stride_tricks.sliding_window_view(~loud[tick:], QUIET_TICKS).all(axis=1)
+    return ((int(np.argmax(quiet)) + tick) * FRAME_S - t) * 1000 if quiet.any() else None
+
+
 def _finish_turns(r: CallReport) -> None:
     """Attribute the agent's frames, clears and marks to the turn they answer (up to the next turn's start)."""
     bounds = [t.started_at for t in r.turns] + [float("inf")]
+    played = r.heard[:len(r.heard) // audio.FRAME_BYTES * audio.FRAME_BYTES].reshape(-1, audio.FRAME_BYTES)
+    loud = np.abs(played.astype(np.int32)).max(axis=1) > audio.SOUND_THRESHOLD if played.size else np.zeros(0, bool)
     audible = [f for f in r.frames if f.audible]
     r.greeting_first_frame_at = next((f.t for f in audible if f.t < bounds[0]), None)
     for i, turn in enumerate(r.turns):
@@ -452,6 +467,8 @@ def _finish_turns(r: CallReport) -> None:
             after = [c for c in clears if c >= turn.speech_start]
             if after:
                 turn.clear_after_speech_ms = (after[0] - turn.speech_start) * 1000
+            if turn.barge_in:
+                turn.silent_after_speech_ms = _quiet_after(loud, turn.speech_start)
         turn.marks_echoed = sum(turn.started_at <= m.t < bounds[i + 1] for m in r.marks_echoed)
 
 

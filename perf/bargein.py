@@ -125,8 +125,10 @@ async def speech_call(url: str, metrics_url: str, log: EdgeLog, run: int) -> lis
     starts = log.of(report.call_sid, "asr")
     samples = []
     for turn, delay in zip(report.turns[1:], delays):
-        sample = {"run": run, "recording": turn.name, "barge_in_ms": delay, "clears": turn.clears,
-                  "sim_onset_to_clear_ms": turn.clear_after_speech_ms, "max_tick_lag_ms": report.max_tick_lag_ms}
+        sample = {"run": run, "recording": turn.name, "barge_in_ms": delay, "agent_audible": turn.barge_in,
+                  "clears": turn.clears,
+                  "sim_onset_to_clear_ms": turn.clear_after_speech_ms, "sim_onset_to_quiet_ms": turn.silent_after_speech_ms,
+                  "max_tick_lag_ms": report.max_tick_lag_ms}
         if turn.clear_after_speech_ms is not None and barge_ins:
             clear = turn.speech_start + turn.clear_after_speech_ms / 1000
             clear_unix = report.started_unix + clear
@@ -140,11 +142,18 @@ async def speech_call(url: str, metrics_url: str, log: EdgeLog, run: int) -> lis
             partial = next((m for m, e in events if e["type"] == "partial"), None)
             sample["onset_to_speech_start_event_ms"] = round((vad - onset) * 1000, 1) if vad else None
             sample["onset_to_first_partial_ms"] = round((partial - onset) * 1000, 1) if partial else None
+            sample["partials_before_clear"] = [(round((m - onset) * 1000), e["text"]) for m, e in events
+                                               if e["type"] == "partial"]
             for model in ("llm", "tts"):
                 if cancels.active_before(model, clear_unix):
                     stop = cancels.stop_after(model, clear_unix, within=CANCEL_WITHIN_S)
                     sample[f"clear_to_{model}_stop_ms"] = round((stop - clear_unix) * 1000, 1) if stop else None
                     sample[f"{model}_cancelled"] = stop is not None
+        if not turn.clears:  # what the edge made of speech that did not stop it
+            start = report.started_unix + turn.speech_start
+            sample["edge_records"] = [e for _, unix, e in log.records if e.get("call") == report.call_sid
+                                      and start - 0.5 <= unix <= start + 4
+                                      and (e.get("event") != "asr" or e.get("type") in ("partial", "final"))]
         samples.append(sample)
     return samples
 
@@ -164,17 +173,23 @@ async def overlap_call(url: str, log: EdgeLog, run: int, sounds: dict[str, objec
         heard = [e["text"] for _, unix, e in log.of(report.call_sid, "asr")
                  if window[0] <= unix < window[1] and e["type"] in ("partial", "final")]
         why = [e["why"] for _, unix, e in log.of(report.call_sid, "barge_in") if window[0] <= unix < window[1]]
+        paused = [u for _, u, e in log.of(report.call_sid, "paused") if window[0] <= u < window[1]]
+        unpaused = [u for _, u, e in log.of(report.call_sid, "unpaused") if paused and paused[0] <= u < window[1] + 2]
         out.append({"run": run, "sound": turn.name, "kind": "noise" if turn.name.startswith("noise") else "backchannel",
                     "agent_audible": turn.barge_in, "false_interruption": bool(clears), "why": why,
+                    "paused_ms": round((unpaused[0] - paused[0]) * 1000) if paused and unpaused else None,
                     "asr_heard": heard, "max_tick_lag_ms": report.max_tick_lag_ms})
     return out
 
 
 def summarize(speech: list[dict], overlaps: list[dict], min_speech_ms: int) -> dict:
-    cleared = [s for s in speech if s["sim_onset_to_clear_ms"] is not None]
+    interruptions = [s for s in speech if s["agent_audible"]]  # else the reply had already ended: no barge-in
+    cleared = [s for s in interruptions if s["sim_onset_to_clear_ms"] is not None]
     summary = {
-        "interruptions": len(speech), "interruptions_cleared": len(cleared),
+        "interruptions": len(interruptions), "interruptions_cleared": len(cleared),
+        "spoken_after_the_reply": len(speech) - len(interruptions),
         "sim_onset_to_clear_ms": stats([s["sim_onset_to_clear_ms"] for s in cleared]),
+        "sim_onset_to_quiet_ms": stats([s.get("sim_onset_to_quiet_ms") for s in cleared]),
         "edge_onset_to_clear_ms": stats([s.get("edge_onset_to_clear_ms") for s in cleared]),
         "edge_onset_to_speech_start_event_ms": stats([s.get("onset_to_speech_start_event_ms") for s in cleared]),
         "edge_onset_to_first_partial_ms": stats([s.get("onset_to_first_partial_ms") for s in cleared]),
@@ -194,6 +209,7 @@ def summarize(speech: list[dict], overlaps: list[dict], min_speech_ms: int) -> d
         group = [o for o in overlaps if key in (o["sound"], o["kind"], "all")]
         if group:
             rates[key] = {"n": len(group), "false_interruptions": sum(o["false_interruption"] for o in group),
+                          "paused": sum(o.get("paused_ms") is not None for o in group),
                           "rate": round(sum(o["false_interruption"] for o in group) / len(group), 3)}
     summary["false_interruptions"] = rates
     summary["max_tick_lag_ms"] = max([s["max_tick_lag_ms"] for s in speech + overlaps] or [0])
@@ -211,7 +227,11 @@ def table(result: dict) -> str:
     lines = ["| barge-in | n | p50 ms | p95 ms | max ms | notes |", "|---|---|---|---|---|---|",
              row("caller onset -> `clear` received (simulator)", s["sim_onset_to_clear_ms"],
                  f"goal p95 <= {s['goal_ms']} ms: {'met' if s['goal_met'] else 'NOT met'}; "
-                 f"{s['interruptions_cleared']}/{s['interruptions']} interruptions cleared"),
+                 f"{s['interruptions_cleared']}/{s['interruptions']} interruptions cleared"
+                 + (f" ({s['spoken_after_the_reply']} spoken after the reply had ended)"
+                    if s.get("spoken_after_the_reply") else "")),
+             row("caller onset -> agent quiet, as heard (simulator)", s["sim_onset_to_quiet_ms"],
+                 "start of 400 ms without its voice in the played audio"),
              row("VAD onset -> `clear` sent (edge)", s["edge_onset_to_clear_ms"],
                  ", ".join(f"{k} {v}" for k, v in s["why"].items())),
              row("VAD onset -> `speech_start` event at the edge", s["edge_onset_to_speech_start_event_ms"]),
@@ -220,9 +240,10 @@ def table(result: dict) -> str:
                  f"in flight and cancelled: {s['llm_in_flight_cancelled']}"),
              row("`clear` -> tts engine stopped", s["clear_to_tts_stop_ms"],
                  f"in flight and cancelled: {s['tts_in_flight_cancelled']}"),
-             "", "| over the reply | n | false interruptions | rate |", "|---|---|---|---|"]
+             "", "| over the reply | n | false interruptions (`clear`) | rate | paused, then went on |",
+             "|---|---|---|---|---|"]
     for key, r in s["false_interruptions"].items():
-        lines.append(f"| {key} | {r['n']} | {r['false_interruptions']} | {r['rate']:.0%} |")
+        lines.append(f"| {key} | {r['n']} | {r['false_interruptions']} | {r['rate']:.0%} | {r.get('paused', '')} |")
     return "\n".join(lines)
 
 

@@ -343,3 +343,22 @@ def test_long_turn_is_committed_at_pauses_and_heard_whole():
     turn = (finals[0]["speech_end_ms"] - finals[0]["speech_start_ms"]) / 1000
     assert turn > 20 and longest < 13, f"a {longest:.1f} s job in a {turn:.1f} s turn"
     assert any(job.prompt for job in jobs), "nothing was committed"
+
+
+def test_partials_come_every_first_partial_ms_in_the_turns_first_second():
+    """A barge-in waits on the first words that are not "um": early partials come often, later ones less."""
+    ears = listener.Listener(listener.Settings(first_partial_ms=150, partial_interval_ms=600), LoudnessVad())
+    speech = np.concatenate([np.zeros(8000), np.full(48000, 0.5), np.zeros(32000)]).astype(np.float32)
+    jobs = []
+
+    def transcribe(job):
+        jobs.append(job)
+        return f"word{len(jobs)}"
+
+    listen(ears, speech, transcribe)
+    onset = 8000
+    partial_ends = [(job.end - onset) * 1000 // listener.SAMPLE_RATE for job in jobs if job.kind == "partial"]
+    early = [t for t in partial_ends if t <= listener.EARLY_PARTIALS_MS]
+    assert early[0] <= 150 + 64 and len(early) >= 5, partial_ends
+    late = [t for t in partial_ends if t > listener.EARLY_PARTIALS_MS + 150]
+    assert all(b - a >= 600 for a, b in zip(late, late[1:])) and late, partial_ends

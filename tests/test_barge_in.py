@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from edge.app import CALLS
-from edge.call import Call
+from edge.call import Call, repeats, words_of
 from edge.simulate import CallerTurn
 from tests.barge import (INTERRUPTIONS, LONG_REPLIES_PROMPT, CallWatch, CancelWatch, caller, clear_unix,
                          frames_between, run_call, speech_level, synthesize, white_noise, with_silence)
@@ -175,6 +175,8 @@ async def test_a_noise_burst_and_a_backchannel_do_not_interrupt(brief_storytelle
     asr = [e for e in edge_log(caplog, report.call_sid, "asr") if e["type"] in ("partial", "final")]
     assert any(e["text"].strip(" .!").lower() == "yeah" for e in asr), f"the asr did not hear 'Yeah': {asr}"
     assert not report.clears and not watch.call.barge_ins
+    # "Yeah." may pause the agent at the minimum duration (no words yet); then it went on, every time
+    assert len(edge_log(caplog, report.call_sid, "unpaused")) == len(edge_log(caplog, report.call_sid, "paused"))
     # the reply played to its end: every mark came back played, and the whole reply is in the history
     assert report.marks_received and len(report.marks_echoed) == len(report.marks_received)
     assert all(m.played for m in report.marks_echoed)
@@ -253,3 +255,11 @@ async def test_ten_interruptions_in_a_row_leak_no_task_request_or_call(storytell
             break
         await asyncio.sleep(0.1)
     assert not left, f"tasks left behind: {sorted(t.get_name() for t in left)}"
+
+
+def test_echo_is_our_words_in_our_order_not_just_our_words():
+    said = words_of("I'm sorry, I didn't catch that. Could you say your response again? I did not hear it.")
+    assert repeats(words_of("could you say your response again"), said)  # our voice, back through a speakerphone
+    assert repeats(words_of("sorry I didn't catch that could"), said)
+    assert not repeats(words_of("I'm sorry I did not understand your response."), said)  # the caller's own
+    assert not repeats(words_of("I'm sorry"), said)  # too short to tell

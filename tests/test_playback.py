@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from edge import audio
 from edge.audio import FRAME_BYTES
 from edge.clauses import ClauseChunker, speakable
 from edge.playback import Playback
@@ -76,3 +77,33 @@ def test_first_clause_is_cut_early_and_later_ones_at_sentence_ends():
 
 def test_speakable_drops_markdown_and_emoji():
     assert speakable("**Great** news 🎉 - see `below`") == "Great news - see below"
+
+
+async def test_hold_stops_the_frames_and_release_goes_on_from_the_same_one():
+    wire = Wire()
+    playback = Playback(wire.media, wire.mark, lead_ms=0)
+    pacer = asyncio.create_task(playback.run())
+    frames = [bytes([i]) * FRAME_BYTES for i in range(50)]  # 1 s, every frame different
+    playback.enqueue("one two three four five six seven eight nine ten", b"".join(frames))
+    await asyncio.sleep(0.2)
+    playback.hold()
+    sent_at_hold = len(wire.frames)
+    await asyncio.sleep(0.3)
+    assert len(wire.frames) <= sent_at_hold + 1  # a send already under way may finish
+    held = len(wire.frames)
+    heard = playback.heard()  # the 0.3 s of the hold were not heard: only what was sent counts
+    assert len(heard.text.split()) <= held * 10 // 50 + 1, heard.text
+    playback.release()
+    while "m1" not in wire.marks:
+        await asyncio.sleep(0.02)
+    pacer.cancel()
+    assert [f for _, f in wire.frames] == frames  # nothing skipped, nothing repeated
+    times = [t for t, _ in wire.frames]
+    assert max(np.diff(times)) >= 0.25  # the pause
+
+
+def test_the_mulaw_sound_check_agrees_with_the_pcm_one():
+    for code in range(256):
+        frame = bytes([0xFF] * 100 + [code] + [0xFF] * 59)
+        assert audio.mulaw_has_sound(frame) == audio.has_sound(audio.mulaw_to_pcm(frame)), code
+    assert not audio.mulaw_has_sound(bytes([audio.MULAW_SILENCE]) * FRAME_BYTES)

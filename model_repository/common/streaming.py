@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +166,9 @@ class StreamingModel:
         self.model_config = json.loads(args["model_config"])
         self.name = args["model_name"]
         self.params = parameters(self.model_config)
+        nice = int(self.params.get("nice", 0) or 0)
+        if nice > 0:  # before the engine and the pool start their threads: they inherit it (Linux)
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
         self.metrics = Metrics(self.name)
         workers = int(self.params.get("max_concurrency", self.max_concurrency))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=self.name)

@@ -7,7 +7,8 @@ reads in one place:
   speech in a row is `speech_start` (reported at the onset), `min_silence_ms`
   of silence is `speech_stop` (reported where the silence began);
 * while the caller speaks, a `partial` transcript `first_partial_ms` after
-  the onset (enough to tell "uh-huh" from a real interruption), then every
+  the onset (enough to tell "uh-huh" from a real interruption), again every
+  `first_partial_ms` for the turn's first second, then every
   `partial_interval_ms`;
 * at each `speech_stop` the turn so far is transcribed at once, in the
   background, so by the time the endpoint silence has passed the final text
@@ -33,6 +34,7 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 WINDOW = 512  # Silero's window at 16 kHz: 32 ms
+EARLY_PARTIALS_MS = 1000  # partials come every first_partial_ms this long after a turn's onset
 
 
 def ms(samples: int) -> int:
@@ -268,7 +270,10 @@ class Listener:
         elif self.n - turn.committed_until > samples(self.settings.max_segment_s * 1000):
             self.job = self._job("commit", turn.committed_until, self._quietest_point())
         elif self.n >= turn.next_partial:
-            turn.next_partial = self.n + samples(self.settings.partial_interval_ms)
+            # in the turn's first second look again soon: a barge-in waits on the first words that are not "um"
+            early = self.n - turn.start < samples(EARLY_PARTIALS_MS)
+            interval = self.settings.first_partial_ms if early else self.settings.partial_interval_ms
+            turn.next_partial = self.n + samples(interval)
             self.job = self._job("partial", turn.committed_until, self.n)
         return self.job
 

@@ -69,12 +69,12 @@ class LlamaCppEngine:
     """Streams a chat reply as text deltas; closing the generator stops llama.cpp at the next token."""
 
     def __init__(self, gguf: str = "smollm2", n_ctx: int = 2048, n_threads: int = 0, instances: int = 2,
-                 prompt_cache_mb: int = 256):
+                 prompt_cache_mb: int = 256, n_threads_batch: int = 0):
         path, self.chat_format = gguf_file(gguf)
         self.name, self.n_ctx = gguf, n_ctx
-        n_threads = n_threads or cores()
         self._instances = [
-            _Instance(llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+            _Instance(llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads or cores(),
+                                      n_threads_batch=n_threads_batch or cores(),
                                       chat_format=self.chat_format, verbose=False))
             for _ in range(max(1, instances))]
         cache = _SharedCache(prompt_cache_mb << 20) if prompt_cache_mb > 0 else None
@@ -88,6 +88,7 @@ class LlamaCppEngine:
     def from_params(cls, params: dict[str, str], instances: int) -> "LlamaCppEngine":
         return cls(gguf=params.get("gguf", "smollm2"), n_ctx=int(params.get("n_ctx", 2048)),
                    n_threads=int(params.get("n_threads", 0) or 0), instances=instances,
+                   n_threads_batch=int(params.get("n_threads_batch", 0) or 0),
                    prompt_cache_mb=int(params.get("prompt_cache_mb", 256)))
 
     def generate(self, messages: list[dict], max_tokens: int, temperature: float,
