@@ -118,8 +118,6 @@ class TritonPythonModel(StreamingModel):
             required(params, "model"), device=required(params, "device"), compute_type=required(params, "compute_type"),
             device_index=self.device_index, cpu_threads=int(number(params, "cpu_threads", 0, 0, 256)),
             workers=workers, min_window_s=number(params, "min_window_s", 30, 1, 30))
-        # partials while the caller speaks only tell words from a backchannel: a shorter window answers sooner
-        self.partial_window_s = number(params, "partial_window_s", number(params, "min_window_s", 30, 1, 30), 1, 30)
         self.vad = SileroVad()
         self.transcriber.transcribe(np.zeros(16000, np.float32))  # the first run allocates; not on a caller's time
         self.calls: dict = {}
@@ -242,8 +240,7 @@ class TritonPythonModel(StreamingModel):
         if call.closed:
             return
         try:
-            window = self.partial_window_s if job.kind == "partial" else None
-            text = self.transcriber.transcribe(job.audio, job.prompt, window).text
+            text = self.transcriber.transcribe(job.audio, job.prompt).text
         except Exception as e:  # engine failure: this call's stream fails, the instance lives on
             log.exception("asr: transcription failed for call %s", call.id)
             with call.lock:

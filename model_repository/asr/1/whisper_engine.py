@@ -69,18 +69,13 @@ class Transcriber:
         self.max_frames = self.model.feature_extractor.nb_max_frames  # 3000: Whisper's 30 s
         self.min_frames = int(min(max(min_window_s, 1.0) * self.frames_per_second, self.max_frames))
 
-    def transcribe(self, audio: np.ndarray, prompt: str = "", min_window_s: float | None = None) -> Transcript:
-        """Greedy, no timestamps, English; audio longer than a window goes window by window.
-
-        `min_window_s` overrides the shortest window for this call (a quick look at a short clip)."""
-        min_frames = self.min_frames if min_window_s is None else int(
-            min(max(min_window_s, 1.0) * self.frames_per_second, self.max_frames))
+    def transcribe(self, audio: np.ndarray, prompt: str = "") -> Transcript:
+        """Greedy, no timestamps, English; audio longer than a window goes window by window."""
         features = self.model.feature_extractor(audio.astype(np.float32, copy=False))[:, :-1]
         room = self.max_frames - int(self.MARGIN_S * self.frames_per_second)
         pieces = []
         for start in range(0, max(features.shape[1], 1), room):
-            piece = self._decode(features[:, start:start + room], " ".join([prompt] + [p.text for p in pieces]),
-                                 min_frames)
+            piece = self._decode(features[:, start:start + room], " ".join([prompt] + [p.text for p in pieces]))
             if piece.text:
                 pieces.append(piece)
         if not pieces:
@@ -89,12 +84,12 @@ class Transcriber:
         return Transcript(" ".join(p.text for p in pieces), max(p.no_speech_prob for p in pieces),
                           worst.avg_logprob, max(p.compression_ratio for p in pieces))
 
-    def _decode(self, features: np.ndarray, prompt: str, min_frames: int) -> Transcript:
+    def _decode(self, features: np.ndarray, prompt: str) -> Transcript:
         from faster_whisper.transcribe import get_compression_ratio
 
         frames = features.shape[1]
         window = int(np.ceil((frames + self.MARGIN_S * self.frames_per_second) / 100) * 100)
-        window = min(max(window, min_frames), self.max_frames)
+        window = min(max(window, self.min_frames), self.max_frames)
         features = np.pad(features, ((0, 0), (0, window - frames)))
         encoded = self.model.encode(features)
 
