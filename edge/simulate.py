@@ -114,6 +114,16 @@ class CallReport:
     heard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # the agent as heard, 8 kHz
     caller: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # what the caller sent, 8 kHz
 
+    def loud_ticks(self) -> np.ndarray:
+        """One flag per 20 ms tick of the call: the agent's voice was playing to the caller."""
+        played = self.heard[:len(self.heard) // audio.FRAME_BYTES * audio.FRAME_BYTES].reshape(-1, audio.FRAME_BYTES)
+        return np.abs(played.astype(np.int32)).max(axis=1) > audio.SOUND_THRESHOLD
+
+    def agent_heard(self, start: float, end: float) -> bool:
+        """Whether the caller heard the agent's voice between `start` and `end` (s from the call's start)."""
+        loud = self.loud_ticks()
+        return bool(loud[max(int(start / FRAME_S), 0):max(int(np.ceil(end / FRAME_S)), 0)].any())
+
     def summary(self) -> dict:
         gaps = np.diff([f.t for f in self.frames]) * 1000 if len(self.frames) > 1 else np.zeros(0)
         return {
@@ -442,8 +452,7 @@ def _quiet_after(loud: np.ndarray, t: float) -> float | None:
 def _finish_turns(r: CallReport) -> None:
     """Attribute the agent's frames, clears and marks to the turn they answer (up to the next turn's start)."""
     bounds = [t.started_at for t in r.turns] + [float("inf")]
-    played = r.heard[:len(r.heard) // audio.FRAME_BYTES * audio.FRAME_BYTES].reshape(-1, audio.FRAME_BYTES)
-    loud = np.abs(played.astype(np.int32)).max(axis=1) > audio.SOUND_THRESHOLD if played.size else np.zeros(0, bool)
+    loud = r.loud_ticks()
     audible = [f for f in r.frames if f.audible]
     r.greeting_first_frame_at = next((f.t for f in audible if f.t < bounds[0]), None)
     for i, turn in enumerate(r.turns):

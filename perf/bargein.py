@@ -125,7 +125,10 @@ async def speech_call(url: str, metrics_url: str, log: EdgeLog, run: int) -> lis
     starts = log.of(report.call_sid, "asr")
     samples = []
     for turn, delay in zip(report.turns[1:], delays):
-        sample = {"run": run, "recording": turn.name, "barge_in_ms": delay, "agent_audible": turn.barge_in,
+        # over the reply: the agent was heard in the half second before the caller began (a pause between its
+        # clauses does not make the caller's speech a new turn; the reply having ended does)
+        audible = turn.speech_start is not None and report.agent_heard(turn.speech_start - 0.5, turn.speech_start)
+        sample = {"run": run, "recording": turn.name, "barge_in_ms": delay, "agent_audible": audible,
                   "clears": turn.clears,
                   "sim_onset_to_clear_ms": turn.clear_after_speech_ms, "sim_onset_to_quiet_ms": turn.silent_after_speech_ms,
                   "max_tick_lag_ms": report.max_tick_lag_ms}
