@@ -22,6 +22,7 @@ import bisect
 import difflib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
 SOUND_ATTENTION_S = 0.5
 ENDPOINT_ATTENTION_S = 2.0
 INTERRUPTED = " [interrupted]"
+HUM = re.compile(r"[mhn]+")
 #: what a dead or failing Triton raises through the gRPC client
 TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError, InferenceServerException)
 
@@ -399,12 +401,7 @@ class Call:
     def _meaningful(self, text: str) -> bool:
         """Words that are neither a backchannel nor the echo of what we are saying."""
         words = words_of(text)
-        if not words:
-            return False
-        phrase = " ".join(words)
-        if phrase in self._backchannels or all(w in self._backchannels for w in words):
-            return False
-        return not self._is_echo(words)
+        return bool(words) and not backchannel(words, self._backchannels) and not self._is_echo(words)
 
     def _is_echo(self, words: list[str]) -> bool:
         """Speakerphone echo: the transcript repeats what we said in the last seconds (`repeats`)."""
@@ -686,6 +683,12 @@ class Call:
             log.info(json.dumps({"event": "hangup_idle", "call": self.call_sid}))
             await self.ws.close()  # ends <Connect><Stream>; with no TwiML after it, the call ends
             return
+
+
+def backchannel(words: list[str], backchannels: set[str]) -> bool:
+    """A listener's noise, not a turn: the phrase or each word is a backchannel, or a hum as Whisper spells it
+    ("m m m", "mm", "hmm", "mhm": what it writes for a closed-mouth "mm-hmm")."""
+    return " ".join(words) in backchannels or all(w in backchannels or HUM.fullmatch(w) for w in words)
 
 
 def repeats(heard: list[str], said: list[str]) -> bool:

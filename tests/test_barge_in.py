@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from edge.app import CALLS
-from edge.call import Call, repeats, words_of
+from edge.call import Call, backchannel, repeats, words_of
+from edge.settings import DEFAULT_BACKCHANNELS
 from edge.simulate import CallerTurn
 from tests.barge import (INTERRUPTIONS, LONG_REPLIES_PROMPT, CallWatch, CancelWatch, caller, clear_unix,
                          frames_between, run_call, speech_level, synthesize, white_noise, with_silence)
@@ -263,3 +264,11 @@ def test_echo_is_our_words_in_our_order_not_just_our_words():
     assert repeats(words_of("sorry I didn't catch that could"), said)
     assert not repeats(words_of("I'm sorry I did not understand your response."), said)  # the caller's own
     assert not repeats(words_of("I'm sorry"), said)  # too short to tell
+
+
+def test_backchannels_and_hums_are_not_a_turn_but_words_are():
+    listen = set(DEFAULT_BACKCHANNELS)
+    for heard in ("Uh-huh.", "Yeah, yeah.", "Okay.", "I see.", "m m m m m", "Mm.", "Hmm?", "mhm"):
+        assert backchannel(words_of(heard), listen), heard
+    for heard in ("No.", "Please", "Yeah, but wait", "I'm", "Nope. Nope."):
+        assert not backchannel(words_of(heard), listen), heard
