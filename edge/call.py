@@ -6,7 +6,8 @@
   text into clauses and speaks each through `tts` while the next is written;
   the audio goes out paced by `Playback`, a `mark` after each clause.
 * The caller talks over the agent (`speech_start` while speaking): noise,
-  coughs, backchannels ("uh-huh") and the echo of our own voice are let be;
+  coughs, backchannels ("uh-huh") and the echo of our own voice are let be
+  (past the minimum duration the agent pauses until the words tell);
   real speech is a barge-in: `clear`, cancel the turn's llm and tts
   requests, keep in history only what the echoed marks prove was heard, and
   listen. If the "interruption" brings no words, the agent resumes the cut
