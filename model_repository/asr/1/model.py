@@ -220,11 +220,11 @@ class TritonPythonModel(StreamingModel):
         if job is not None:
             self.workers.submit(job.urgent, call, job)
         elif call.listener.ending and call.listener.idle:
-            call.sender.send(response({"EVENT": json.dumps({"type": "end", "audio_ms": call.listener.audio_ms})}),
-                             flags=FINAL)
+            sender, call.sender = call.sender, None
+            self._forget(call)  # first: once the client reads `end`, the call's state (and metric) is gone
+            sender.send(response({"EVENT": json.dumps({"type": "end", "audio_ms": call.listener.audio_ms})}),
+                        flags=FINAL)
             self.metrics.outputs.increment(1)
-            call.sender = None
-            self._forget(call)
 
     def _forget(self, call: Call) -> None:
         if call.closed:
