@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -52,11 +51,10 @@ from edge.call import Call
 from edge.settings import Settings
 from edge.simulate import CallerTurn
 from edge.tritonserver import free_port
-from perf.common import command_line, machine_info, stats
+from perf.common import ROOT, command_line, machine_info, save_results, stats
 from tests.barge import (INTERRUPTIONS, LONG_REPLIES_PROMPT, CancelWatch, caller, run_call, speech_level, synthesize,
                          white_noise)
 
-ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "tt-weasels"
 BACKCHANNELS = ("Yeah.", "Okay.", "Uh-huh.", "Mm-hmm.", "Right.")
 NOISES_MS = (150, 700)
@@ -311,13 +309,7 @@ def main() -> None:
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {"command": command_line(), "machine": machine, "server": server_info,
               "wall_s": round(time.perf_counter() - started, 1), **result}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    text = json.dumps(result, indent=1)
-    (args.out / f"bargein-{stamp}.json").write_text(text)
-    (args.out / "bargein-latest.json").write_text(text)
-    print(table(result))
-    print(f"wrote {args.out / f'bargein-{stamp}.json'} and bargein-latest.json")
+    save_results(result, args.out, "bargein", table)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Helpers shared by perf/loadgen.py and perf/edge_only.py: machine facts, CPU time, loop lag, Prometheus."""
+"""Helpers shared by the benchmarks: machine facts, CPU time, loop lag, Prometheus, writing the results."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import platform
 import shlex
@@ -21,6 +22,22 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: fine buckets for event-loop lag (seconds)
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+
+
+def save_results(result: dict, out: Path, name: str, table, plot=None) -> None:
+    """`<out>/<name>-<UTC stamp>.json` and `<name>-latest.json` (and `<name>-latest.png` from `plot`), then print
+    `table(result)` and what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    text = json.dumps(result, indent=1)
+    (out / f"{name}-{stamp}.json").write_text(text)
+    (out / f"{name}-latest.json").write_text(text)
+    written = [f"{name}-latest.json"]
+    if plot is not None:
+        plot(result, out / f"{name}-latest.png")
+        written.append(f"{name}-latest.png")
+    print(table(result))
+    print(f"wrote {out / f'{name}-{stamp}.json'}, " + ", ".join(written))
 
 
 def command_line() -> str:

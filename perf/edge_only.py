@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import http.client
 import json
 import os
@@ -57,9 +56,9 @@ import numpy as np
 from edge import audio
 from edge.simulate import CallerTurn, run_call
 from edge.tritonserver import TritonServer, free_port
-from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta, histogram_quantile,
-                         histograms, jitter_and_glitches, machine_cpu, machine_info, reply_gaps, scrape, stats,
-                         wait_quiet)
+from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta,
+                         histogram_quantile, histograms, jitter_and_glitches, machine_cpu, machine_info, reply_gaps,
+                         save_results, scrape, stats, wait_quiet)
 from perf.swarm import Prepared, Swarm, prepare
 from tests.speech import recordings
 
@@ -490,14 +489,7 @@ def main() -> None:
                     "first_failure": next(({"calls": lv["calls"], "because": lv["failed_because"]}
                                            for lv in levels if not lv["passed"]), None)},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    text = json.dumps(result, indent=1)
-    (args.out / f"edge-only-{stamp}.json").write_text(text)
-    (args.out / "edge-only-latest.json").write_text(text)
-    plot(result, args.out / "edge-only-latest.png")
-    print(table(result))
-    print(f"wrote {args.out / f'edge-only-{stamp}.json'}, edge-only-latest.json, edge-only-latest.png")
+    save_results(result, args.out, "edge-only", table, plot)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import logging
 import os
@@ -56,8 +55,9 @@ import numpy as np
 from edge import audio
 from edge.simulate import CallerTurn, run_call
 from edge.tritonserver import free_port
-from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta, histogram_quantile,
-                         histograms, machine_cpu, machine_info, reply_gaps, scrape, stats, wait_quiet)
+from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta,
+                         histogram_quantile, histograms, machine_cpu, machine_info, reply_gaps, save_results, scrape,
+                         stats, wait_quiet)
 from tests.speech import recordings
 
 STAGES = ("endpoint_and_final", "llm_first_token", "first_clause", "tts_first_audio", "first_frame")
@@ -489,14 +489,7 @@ def main() -> None:
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {"command": command_line(), "machine": machine, "setup": setup, "levels": levels}
     result["summary"] = summarize(levels, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    text = json.dumps(result, indent=1)
-    (args.out / f"loadgen-{stamp}.json").write_text(text)
-    (args.out / "loadgen-latest.json").write_text(text)
-    plot(result, args.out / "loadgen-latest.png")
-    print(table(result))
-    print(f"wrote {args.out / f'loadgen-{stamp}.json'}, loadgen-latest.json, loadgen-latest.png")
+    save_results(result, args.out, "loadgen", table, plot)
 
 
 if __name__ == "__main__":

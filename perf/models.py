@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -45,10 +43,9 @@ import numpy as np
 
 from edge.triton import Triton
 from edge.tritonserver import free_port
-from perf.common import machine_info, pct
+from perf.common import ROOT, machine_info, pct, save_results
 from tests.speech import Recording, recordings, word_errors
 
-ROOT = Path(__file__).resolve().parents[1]
 RATE = 16000
 CHUNK = RATE * 20 // 1000  # 20 ms at 16 kHz
 LEAD_S = 0.3  # silence before the recording, as a call's first words rarely start on its first frame
@@ -436,14 +433,7 @@ def main() -> None:
         finally:
             server.stop()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    text = json.dumps(result, indent=1)
-    (args.out / f"models-{stamp}.json").write_text(text)
-    (args.out / "models-latest.json").write_text(text)
-    plot(result, args.out / "models-latest.png")
-    print(table(result))
-    print(f"wrote {args.out / f'models-{stamp}.json'}, models-latest.json, models-latest.png")
+    save_results(result, args.out, "models", table, plot)
 
 
 if __name__ == "__main__":
