@@ -340,7 +340,7 @@ class _Call:
             if m.event == "media":
                 payload = m.media.payload
                 self.playback.add(payload)
-                r.frames.append(Frame(t, len(payload), audio.has_sound(audio.mulaw_to_pcm(payload)),
+                r.frames.append(Frame(t, len(payload), audio.mulaw_has_sound(payload),
                                       self.playback.buffered_ms))
             elif m.event == "mark":
                 r.marks_received.append((t, m.mark.name))
@@ -376,7 +376,7 @@ class _Call:
     async def play(self, t: float) -> None:
         chunk, due = self.playback.tick()
         self.heard.append(chunk)
-        if chunk != SILENCE and audio.has_sound(audio.mulaw_to_pcm(chunk)):
+        if chunk != SILENCE and audio.mulaw_has_sound(chunk):
             self.last_audible_heard = t + FRAME_S  # the end of this audible frame
             if self.reply_heard_at is None and t >= self.wait_ref:
                 self.reply_heard_at = t
@@ -434,7 +434,7 @@ def _frames(samples: np.ndarray) -> tuple[list[bytes], list[bool]]:
     mulaw = audio.pcm_to_mulaw(samples)
     mulaw += SILENCE[: -len(mulaw) % FRAME]
     frames = [mulaw[i:i + FRAME] for i in range(0, len(mulaw), FRAME)]
-    return frames, [audio.has_sound(audio.mulaw_to_pcm(f)) for f in frames]
+    return frames, [audio.mulaw_has_sound(f) for f in frames]
 
 
 QUIET_TICKS = 20  # 400 ms without the agent's voice: it stopped (pauses inside its speech are shorter)

@@ -62,7 +62,7 @@ def prepare(samples: np.ndarray) -> Prepared:
     mulaw += SILENCE[: -len(mulaw) % FRAME]
     frames = [mulaw[i:i + FRAME] for i in range(0, len(mulaw), FRAME)]
     return Prepared([base64.b64encode(f).decode("ascii") for f in frames],
-                    [audio.has_sound(audio.mulaw_to_pcm(f)) for f in frames], mulaw)
+                    [audio.mulaw_has_sound(f) for f in frames], mulaw)
 
 
 _SILENCE_B64 = base64.b64encode(SILENCE).decode("ascii")

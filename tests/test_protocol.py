@@ -283,7 +283,7 @@ async def scripted_edge(request: web.Request) -> web.WebSocketResponse:
             app[LOG]["starts"].append(m)
             reply = asyncio.create_task(say(0.4))
         elif isinstance(m, protocol.Media):
-            if audio.has_sound(audio.mulaw_to_pcm(m.media.payload)):
+            if audio.mulaw_has_sound(m.media.payload):
                 if reply and not reply.done():
                     reply.cancel()
                     await ws.send_str(protocol.clear_message(sid))
