@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 from edge import audio, simulate
 from edge.simulate import CallReport
 from edge.triton import Triton
-from tests.metrics import Metrics
+from tests.metrics import scrape
 from tests.speech import recording
 
 #: a system prompt that makes even the CPU profile's small llm talk on and on, so a reply is still being
@@ -146,11 +145,6 @@ class CallWatch:
 
     def interrupted(self) -> list:
         return [t for t in self.turns if t.interrupted]
-
-
-def scrape(url: str) -> Metrics:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return Metrics(r.read().decode())
 
 
 @dataclass
