@@ -61,6 +61,13 @@ class Overlap:
     words: str = ""
     speaking: bool = True
     timer: asyncio.TimerHandle | None = None
+    last_partial: list[str] = field(default_factory=list)
+
+    def settled(self, words: list[str]) -> bool:
+        """Two words or more, or one word the previous partial had too. Whisper's guess at a word cut short by
+        the window's end is often another word ("you", "a" for the start of "yeah"): one partial is not enough."""
+        previous, self.last_partial = self.last_partial, words
+        return len(words) > 1 or (bool(words) and previous[:1] == words[:1])
 
 
 @dataclass
@@ -311,7 +318,8 @@ class Call:
         elif kind == "partial":
             if self.resume and self._meaningful(event.get("text", "")):
                 self.resume = None  # words came: it was a real interruption, do not resume
-            if self.overlap and self._meaningful(event.get("text", "")):
+            settled = self.overlap.settled(words_of(event.get("text", ""))) if self.overlap else False
+            if settled and self._meaningful(event.get("text", "")):
                 self.overlap.words = event["text"]
                 if time.monotonic() - self.overlap.onset >= self.settings.barge_in_min_speech_ms / 1000:
                     self._interrupt("words")  # else the minimum-duration check interrupts

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from edge.app import CALLS
-from edge.call import Call, backchannel, repeats, words_of
+from edge.call import Call, Overlap, backchannel, repeats, words_of
 from edge.settings import DEFAULT_BACKCHANNELS
 from edge.simulate import CallerTurn
 from tests.barge import (INTERRUPTIONS, LONG_REPLIES_PROMPT, CallWatch, CancelWatch, caller, clear_unix,
@@ -169,13 +169,13 @@ async def test_a_noise_burst_and_a_backchannel_do_not_interrupt(brief_storytelle
         await watch.stop()
     assert not report.errors, report.errors
     overlap = report.turns[1]
+    asr = [e for e in edge_log(caplog, report.call_sid, "asr") if e["type"] in ("partial", "final")]
+    assert not report.clears and not watch.call.barge_ins, (watch.call.barge_ins, asr)
     # the reply was playing before the noise and went on after "Yeah." (the simulator's `barge_in` flag can miss
     # it when the turn starts in a pause between two clauses)
     assert frames_between(report, overlap.started_at - 0.5, overlap.started_at, audible=True)
-    assert frames_between(report, overlap.speech_end, overlap.speech_end + 1.0, audible=True)
-    asr = [e for e in edge_log(caplog, report.call_sid, "asr") if e["type"] in ("partial", "final")]
+    assert frames_between(report, overlap.speech_end, overlap.speech_end + 1.0, audible=True), asr
     assert any(e["text"].strip(" .!").lower() == "yeah" for e in asr), f"the asr did not hear 'Yeah': {asr}"
-    assert not report.clears and not watch.call.barge_ins
     # "Yeah." may pause the agent at the minimum duration (no words yet); then it went on, every time
     assert len(edge_log(caplog, report.call_sid, "unpaused")) == len(edge_log(caplog, report.call_sid, "paused"))
     # the reply played to its end: every mark came back played, and the whole reply is in the history
@@ -272,3 +272,13 @@ def test_backchannels_and_hums_are_not_a_turn_but_words_are():
         assert backchannel(words_of(heard), listen), heard
     for heard in ("No.", "Please", "Yeah, but wait", "I'm", "Nope. Nope."):
         assert not backchannel(words_of(heard), listen), heard
+
+
+def test_one_word_interrupts_only_when_the_next_partial_keeps_it():
+    overlap = Overlap(onset=0.0)
+    assert not overlap.settled(words_of("You"))  # Whisper's guess at the start of "Yeah." cut by the window
+    assert not overlap.settled(words_of("Yeah."))  # another word: still a guess
+    assert overlap.settled(words_of("Yeah!"))  # kept: settled (a backchannel, which the caller checks next)
+    assert Overlap(onset=0.0).settled(words_of("Stop, please"))  # two words need no second look
+    fresh = Overlap(onset=0.0)
+    assert not fresh.settled([]) and not fresh.settled([])
