@@ -49,6 +49,7 @@ SOUND_ATTENTION_S = 0.5
 ENDPOINT_ATTENTION_S = 2.0
 INTERRUPTED = " [interrupted]"
 HUM = re.compile(r"[mhn]+")
+SURE_WORD_LETTERS = 3  # a one-word partial this long is taken at once; shorter ones wait for the next partial
 #: what a dead or failing Triton raises through the gRPC client
 TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError, InferenceServerException)
 
@@ -64,10 +65,11 @@ class Overlap:
     last_partial: list[str] = field(default_factory=list)
 
     def settled(self, words: list[str]) -> bool:
-        """Two words or more, or one word the previous partial had too. Whisper's guess at a word cut short by
-        the window's end is often another word ("you", "a" for the start of "yeah"): one partial is not enough."""
+        """Two words or more, one word of SURE_WORD_LETTERS, or a shorter one the previous partial had too.
+        tiny.en's guess at the first 150-200 ms of "Mm-hmm." / "Uh-huh." is "in" / "ah": one partial with just
+        that is not enough (the agent is paused meanwhile, see `_overlap_minimum`); "I'm..." / "Please" is."""
         previous, self.last_partial = self.last_partial, words
-        return len(words) > 1 or (bool(words) and previous[:1] == words[:1])
+        return len(words) > 1 or (bool(words) and (len(words[0]) >= SURE_WORD_LETTERS or previous[:1] == words))
 
 
 @dataclass
