@@ -20,6 +20,9 @@ from typing import Awaitable, Callable
 from edge.audio import FRAME_BYTES, FRAME_MS, MULAW_SILENCE
 
 MARK_GRACE_S = 2.0
+#: a frame due this soon goes now: uvloop's timers count whole milliseconds, so a shorter sleep wakes at once
+#: and the pacer would spin (8 wake-ups a frame instead of 1, measured)
+TIMER_SLACK_S = 0.001
 
 
 @dataclass
@@ -117,7 +120,7 @@ class Playback:
     async def below(self, seconds: float) -> None:
         """Wait until less than `seconds` of audio is queued (it leaves in real time)."""
         while (excess := self.queued_seconds() - seconds) > 0:
-            await asyncio.sleep(excess)
+            await asyncio.sleep(excess + TIMER_SLACK_S)
 
     @property
     def speaking(self) -> bool:
@@ -226,7 +229,7 @@ class Playback:
             if self._clock is None:
                 self._clock, self._sent_in_run = now, 0
             due = self._clock + self._sent_in_run * FRAME_MS / 1000 - self.lead
-            if due > now:
+            if due > now + TIMER_SLACK_S:
                 await asyncio.sleep(due - now)
                 continue  # the queue may have been cleared meanwhile
             if self._frame == 0:
