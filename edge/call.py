@@ -49,7 +49,7 @@ SOUND_ATTENTION_S = 0.5
 ENDPOINT_ATTENTION_S = 2.0
 INTERRUPTED = " [interrupted]"
 HUM = re.compile(r"[mhn]+")
-SURE_WORD_LETTERS = 3  # a one-word partial this long is taken at once; shorter ones wait for the next partial
+SURE_WORD_LETTERS = 3  # a partial's last word this long is taken at once; shorter ones wait for the next partial
 #: what a dead or failing Triton raises through the gRPC client
 TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError, InferenceServerException)
 
@@ -64,12 +64,16 @@ class Overlap:
     timer: asyncio.TimerHandle | None = None
     last_partial: list[str] = field(default_factory=list)
 
-    def settled(self, words: list[str]) -> bool:
-        """Two words or more, one word of SURE_WORD_LETTERS, or a shorter one the previous partial had too.
-        tiny.en's guess at the first 150-200 ms of "Mm-hmm." / "Uh-huh." is "in" / "ah": one partial with just
-        that is not enough (the agent is paused meanwhile, see `_overlap_minimum`); "I'm..." / "Please" is."""
+    def settled(self, words: list[str]) -> list[str]:
+        """A partial's words without its last one when that is shorter than SURE_WORD_LETTERS and the previous
+        partial did not have it there too. Whisper's guess at a word the window cut short is often a short
+        other word: tiny.en writes "in" / "ah" for the first 150-200 ms of "Mm-hmm." / "Uh-huh.", and "Okay, o"
+        must not stop the agent. Meanwhile it is paused (`_overlap_minimum`); "I'm..." / "Please" are taken."""
         previous, self.last_partial = self.last_partial, words
-        return len(words) > 1 or (bool(words) and (len(words[0]) >= SURE_WORD_LETTERS or previous[:1] == words))
+        last = len(words) - 1
+        if words and len(words[last]) < SURE_WORD_LETTERS and previous[last:last + 1] != words[last:]:
+            return words[:last]
+        return words
 
 
 @dataclass
@@ -320,9 +324,9 @@ class Call:
         elif kind == "partial":
             if self.resume and self._meaningful(event.get("text", "")):
                 self.resume = None  # words came: it was a real interruption, do not resume
-            settled = self.overlap.settled(words_of(event.get("text", ""))) if self.overlap else False
-            if settled and self._meaningful(event.get("text", "")):
-                self.overlap.words = event["text"]
+            settled = " ".join(self.overlap.settled(words_of(event.get("text", "")))) if self.overlap else ""
+            if settled and self._meaningful(settled):
+                self.overlap.words = settled
                 if time.monotonic() - self.overlap.onset >= self.settings.barge_in_min_speech_ms / 1000:
                     self._interrupt("words")  # else the minimum-duration check interrupts
             elif not self._caller_speaking and self._speech_stop_ms is not None and not self._agent_busy():

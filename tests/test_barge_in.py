@@ -274,12 +274,14 @@ def test_backchannels_and_hums_are_not_a_turn_but_words_are():
         assert not backchannel(words_of(heard), listen), heard
 
 
-def test_a_short_word_interrupts_only_when_the_next_partial_keeps_it():
+def test_a_short_last_word_counts_only_when_the_next_partial_keeps_it():
     overlap = Overlap(onset=0.0)
-    assert not overlap.settled(words_of("in"))  # tiny.en's guess at the first 150 ms of "Mm-hmm."
-    assert not overlap.settled(words_of("Ah."))  # another short word: still a guess
-    assert overlap.settled(words_of("ah"))  # kept: settled
-    assert Overlap(onset=0.0).settled(words_of("I'm..."))  # long enough to be no guess
-    assert Overlap(onset=0.0).settled(words_of("No, no"))  # two words are no guess either
-    fresh = Overlap(onset=0.0)
-    assert not fresh.settled([]) and not fresh.settled([])
+    assert overlap.settled(words_of("in")) == []  # tiny.en's guess at the first 150 ms of "Mm-hmm."
+    assert overlap.settled(words_of("Ah.")) == []  # another short word: still a guess
+    assert overlap.settled(words_of("ah")) == ["ah"]  # kept: settled
+    overlap = Overlap(onset=0.0)
+    assert overlap.settled(words_of("Okay, o")) == ["okay"]  # "o": the start of the next "okay"
+    assert overlap.settled(words_of("Okay, okay")) == ["okay", "okay"]
+    assert Overlap(onset=0.0).settled(words_of("I'm...")) == ["i'm"]  # long enough to be no guess
+    assert Overlap(onset=0.0).settled(words_of("No, no")) == ["no"]  # the first "no" was followed by more
+    assert Overlap(onset=0.0).settled([]) == []
