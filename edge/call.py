@@ -55,6 +55,24 @@ TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError, Inf
 
 
 @dataclass
+class PartialWords:
+    """The words of the caller's turn so far, as the asr's partials give them, less a last word that is a guess."""
+
+    last: list[str] = field(default_factory=list)
+
+    def settled(self, words: list[str]) -> list[str]:
+        """A partial's words without its last one when that is shorter than SURE_WORD_LETTERS and the previous
+        partial did not have it there too. Whisper's guess at a word the window cut short is often a short
+        other word: tiny.en writes "in" / "ah" for the first 150-200 ms of "Mm-hmm." / "Uh-huh.", and "Okay, o"
+        must not stop the agent. Meanwhile it is paused (`_overlap_minimum`); "I'm..." / "Please" are taken."""
+        previous, self.last = self.last, words
+        last = len(words) - 1
+        if words and len(words[last]) < SURE_WORD_LETTERS and previous[last:last + 1] != words[last:]:
+            return words[:last]
+        return words
+
+
+@dataclass
 class Overlap:
     """Caller speech heard while the agent was speaking: a possible barge-in."""
 
@@ -62,18 +80,6 @@ class Overlap:
     words: str = ""
     speaking: bool = True
     timer: asyncio.TimerHandle | None = None
-    last_partial: list[str] = field(default_factory=list)
-
-    def settled(self, words: list[str]) -> list[str]:
-        """A partial's words without its last one when that is shorter than SURE_WORD_LETTERS and the previous
-        partial did not have it there too. Whisper's guess at a word the window cut short is often a short
-        other word: tiny.en writes "in" / "ah" for the first 150-200 ms of "Mm-hmm." / "Uh-huh.", and "Okay, o"
-        must not stop the agent. Meanwhile it is paused (`_overlap_minimum`); "I'm..." / "Please" are taken."""
-        previous, self.last_partial = self.last_partial, words
-        last = len(words) - 1
-        if words and len(words[last]) < SURE_WORD_LETTERS and previous[last:last + 1] != words[last:]:
-            return words[:last]
-        return words
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Call:
         self.turn: Turn | None = None
         self.turns = 0
         self.overlap: Overlap | None = None
+        self._partial_words = PartialWords()
         self.speculation: Turn | None = None  # a reply started at the caller's pause, before the final
         self.resume: tuple[float, list[str]] | None = None  # (deadline, clauses to say again) after a barge-in
         self.barge_ins: list[dict] = []
@@ -322,10 +329,11 @@ class Call:
             if self.overlap:
                 self._overlap_paused(self.overlap)
         elif kind == "partial":
-            if self.resume and self._meaningful(event.get("text", "")):
+            settled = " ".join(self._partial_words.settled(words_of(event.get("text", ""))))
+            meaningful = self._meaningful(settled)
+            if self.resume and meaningful:
                 self.resume = None  # words came: it was a real interruption, do not resume
-            settled = " ".join(self.overlap.settled(words_of(event.get("text", "")))) if self.overlap else ""
-            if settled and self._meaningful(settled):
+            if self.overlap and meaningful:
                 self.overlap.words = settled
                 if time.monotonic() - self.overlap.onset >= self.settings.barge_in_min_speech_ms / 1000:
                     self._interrupt("words")  # else the minimum-duration check interrupts
@@ -341,6 +349,7 @@ class Call:
         self._last_activity = time.monotonic()
         self._caller_speaking = False
         self._attentive_until = self._last_activity
+        self._partial_words = PartialWords()  # the asr's next partials are of a new turn
         self._end_overlap()
         speculation, self.speculation = self.speculation, None
         if speculation and (words_of(speculation.user_text) != words_of(text) or self._agent_busy()):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from edge.app import CALLS
-from edge.call import Call, Overlap, backchannel, repeats, words_of
+from edge.call import Call, PartialWords, backchannel, repeats, words_of
 from edge.settings import DEFAULT_BACKCHANNELS
 from edge.simulate import CallerTurn
 from tests.barge import (INTERRUPTIONS, LONG_REPLIES_PROMPT, CallWatch, CancelWatch, caller, clear_unix,
@@ -275,13 +275,13 @@ def test_backchannels_and_hums_are_not_a_turn_but_words_are():
 
 
 def test_a_short_last_word_counts_only_when_the_next_partial_keeps_it():
-    overlap = Overlap(onset=0.0)
-    assert overlap.settled(words_of("in")) == []  # tiny.en's guess at the first 150 ms of "Mm-hmm."
-    assert overlap.settled(words_of("Ah.")) == []  # another short word: still a guess
-    assert overlap.settled(words_of("ah")) == ["ah"]  # kept: settled
-    overlap = Overlap(onset=0.0)
-    assert overlap.settled(words_of("Okay, o")) == ["okay"]  # "o": the start of the next "okay"
-    assert overlap.settled(words_of("Okay, okay")) == ["okay", "okay"]
-    assert Overlap(onset=0.0).settled(words_of("I'm...")) == ["i'm"]  # long enough to be no guess
-    assert Overlap(onset=0.0).settled(words_of("No, no")) == ["no"]  # the first "no" was followed by more
-    assert Overlap(onset=0.0).settled([]) == []
+    partials = PartialWords()
+    assert partials.settled(words_of("in")) == []  # tiny.en's guess at the first 150 ms of "Mm-hmm."
+    assert partials.settled(words_of("Ah.")) == []  # another short word: still a guess
+    assert partials.settled(words_of("ah")) == ["ah"]  # kept: settled
+    partials = PartialWords()
+    assert partials.settled(words_of("Okay, o")) == ["okay"]  # "o": the start of the next "okay"
+    assert partials.settled(words_of("Okay, okay")) == ["okay", "okay"]
+    assert PartialWords().settled(words_of("I'm...")) == ["i'm"]  # long enough to be no guess
+    assert PartialWords().settled(words_of("No, no")) == ["no"]  # the first "no" was followed by more
+    assert PartialWords().settled([]) == []
