@@ -58,16 +58,22 @@ TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError, Inf
 class PartialWords:
     """The words of the caller's turn so far, as the asr's partials give them, less a last word that is a guess."""
 
+    backchannels: set[str]  # phrases; a partial's last word may be one cut short
     last: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        words = {w for phrase in self.backchannels for w in phrase.split()}
+        self._cut_short = {w[:n] for w in words for n in range(1, len(w))} - words
+
     def settled(self, words: list[str]) -> list[str]:
-        """A partial's words without its last one when that is shorter than SURE_WORD_LETTERS and the previous
-        partial did not have it there too. Whisper's guess at a word the window cut short is often a short
-        other word: tiny.en writes "in" / "ah" for the first 150-200 ms of "Mm-hmm." / "Uh-huh.", and "Okay, o"
-        must not stop the agent. Meanwhile it is paused (`_overlap_minimum`); "I'm..." / "Please" are taken."""
+        """A partial's words without its last one when that is shorter than SURE_WORD_LETTERS or the start of a
+        backchannel ("oka"), and the previous partial did not have it there too. The window cuts the last word
+        short and Whisper writes a guess: tiny.en writes "in" / "ah" for the first 150-200 ms of "Mm-hmm." /
+        "Uh-huh.", and "Okay, o" must not stop the agent (it is paused meanwhile, `_overlap_minimum`)."""
         previous, self.last = self.last, words
         last = len(words) - 1
-        if words and len(words[last]) < SURE_WORD_LETTERS and previous[last:last + 1] != words[last:]:
+        guess = words and (len(words[last]) < SURE_WORD_LETTERS or words[last] in self._cut_short)
+        if guess and previous[last:last + 1] != words[last:]:
             return words[:last]
         return words
 
@@ -112,7 +118,6 @@ class Call:
         self.turn: Turn | None = None
         self.turns = 0
         self.overlap: Overlap | None = None
-        self._partial_words = PartialWords()
         self.speculation: Turn | None = None  # a reply started at the caller's pause, before the final
         self.resume: tuple[float, list[str]] | None = None  # (deadline, clauses to say again) after a barge-in
         self.barge_ins: list[dict] = []
@@ -133,6 +138,7 @@ class Call:
         self._idle_prompted = False
         self._bad_messages = 0
         self._backchannels = set(settings.backchannels)
+        self._partial_words = PartialWords(self._backchannels)
 
     # -- the socket ----------------------------------------------------------------
     async def serve(self) -> None:
@@ -349,7 +355,7 @@ class Call:
         self._last_activity = time.monotonic()
         self._caller_speaking = False
         self._attentive_until = self._last_activity
-        self._partial_words = PartialWords()  # the asr's next partials are of a new turn
+        self._partial_words.last = []  # the asr's next partials are of a new turn
         self._end_overlap()
         speculation, self.speculation = self.speculation, None
         if speculation and (words_of(speculation.user_text) != words_of(text) or self._agent_busy()):

@@ -205,7 +205,8 @@ async def test_a_false_interruption_stops_the_agent_then_it_says_the_cut_clause_
     assert len(report.clears) == 1, report.clears
     clear = report.clears[0]
     record, = watch.call.barge_ins
-    assert record["why"] == "duration", record
+    asr = [e for e in edge_log(caplog, report.call_sid, "asr") if e["type"] in ("partial", "final")]
+    assert record["why"] == "duration", (record, asr)
     resumed = edge_log(caplog, report.call_sid, "resume")
     assert len(resumed) == 1, "the agent did not resume"
     # the resumed turn says the cut clause again, from its start, then the rest of the reply
@@ -274,14 +275,17 @@ def test_backchannels_and_hums_are_not_a_turn_but_words_are():
         assert not backchannel(words_of(heard), listen), heard
 
 
-def test_a_short_last_word_counts_only_when_the_next_partial_keeps_it():
-    partials = PartialWords()
+def test_a_last_word_cut_short_counts_only_when_the_next_partial_keeps_it():
+    listen = set(DEFAULT_BACKCHANNELS)
+    partials = PartialWords(listen)
     assert partials.settled(words_of("in")) == []  # tiny.en's guess at the first 150 ms of "Mm-hmm."
     assert partials.settled(words_of("Ah.")) == []  # another short word: still a guess
     assert partials.settled(words_of("ah")) == ["ah"]  # kept: settled
-    partials = PartialWords()
+    partials = PartialWords(listen)
     assert partials.settled(words_of("Okay, o")) == ["okay"]  # "o": the start of the next "okay"
-    assert partials.settled(words_of("Okay, okay")) == ["okay", "okay"]
-    assert PartialWords().settled(words_of("I'm...")) == ["i'm"]  # long enough to be no guess
-    assert PartialWords().settled(words_of("No, no")) == ["no"]  # the first "no" was followed by more
-    assert PartialWords().settled([]) == []
+    assert partials.settled(words_of("Okay, okay, oka")) == ["okay", "okay"]  # the start of a backchannel
+    assert partials.settled(words_of("Okay, okay, okay")) == ["okay", "okay", "okay"]
+    assert PartialWords(listen).settled(words_of("I'm...")) == ["i'm"]  # long enough to be no guess
+    assert PartialWords(listen).settled(words_of("Please")) == ["please"]
+    assert PartialWords(listen).settled(words_of("No, no")) == ["no"]  # the first "no" was followed by more
+    assert PartialWords(listen).settled([]) == []
