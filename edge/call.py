@@ -267,13 +267,14 @@ class Call:
         ASR_BATCH_MS while the caller may be talking (a frame with sound, their speech, an endpoint
         pending), ASR_QUIET_BATCH_MS on a quiet line. The frame that brings sound goes at once."""
         now = time.monotonic()
-        self._received_ms += len(mulaw) * 1000 / audio.TWILIO_RATE
+        frame_ms = len(mulaw) * 1000 / audio.TWILIO_RATE
+        self._received_ms += frame_ms
         self._audio_ms.append(self._received_ms)
         self._arrivals.append(now)
         if len(self._arrivals) > ARRIVALS_KEPT:  # only recent audio is ever looked up
             del self._audio_ms[:ARRIVALS_KEPT // 2], self._arrivals[:ARRIVALS_KEPT // 2]
         self._held.append(mulaw)
-        self._held_ms += len(mulaw) * 1000 / audio.TWILIO_RATE
+        self._held_ms += frame_ms
         if audio.mulaw_has_sound(mulaw):
             flush = now >= self._attentive_until  # an onset: the asr's VAD sees it now
             self._attentive_until = max(self._attentive_until, now + SOUND_ATTENTION_S)

@@ -229,7 +229,6 @@ def media_message(stream_sid: str, mulaw: bytes) -> str:
     return f'{{"event":"media","streamSid":{json.dumps(stream_sid)},"media":{{"payload":"{payload}"}}}}'
 
 
-
 def mark_message(stream_sid: str, name: str) -> str:
     return _dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
 

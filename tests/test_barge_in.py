@@ -70,6 +70,11 @@ def edge_log(caplog, call_sid: str, event: str) -> list[dict]:
     return records
 
 
+def transcripts(caplog, call_sid: str) -> list[dict]:
+    """The asr's partial and final transcripts of the call, as the edge logged them (for failure messages)."""
+    return [e for e in edge_log(caplog, call_sid, "asr") if e["type"] in ("partial", "final")]
+
+
 async def no_requests_left(triton) -> None:
     """Every llm and tts request on the server has ended (a cancelled one stops its engine)."""
     metrics = await wait_for(triton.metrics_url, lambda m: all(
@@ -169,7 +174,7 @@ async def test_a_noise_burst_and_a_backchannel_do_not_interrupt(brief_storytelle
         await watch.stop()
     assert not report.errors, report.errors
     overlap = report.turns[1]
-    asr = [e for e in edge_log(caplog, report.call_sid, "asr") if e["type"] in ("partial", "final")]
+    asr = transcripts(caplog, report.call_sid)
     assert not report.clears and not watch.call.barge_ins, (watch.call.barge_ins, asr)
     # the reply was playing before the noise and went on after "Yeah." (the simulator's `barge_in` flag can miss
     # it when the turn starts in a pause between two clauses)
@@ -205,7 +210,7 @@ async def test_a_false_interruption_stops_the_agent_then_it_says_the_cut_clause_
     assert len(report.clears) == 1, report.clears
     clear = report.clears[0]
     record, = watch.call.barge_ins
-    asr = [e for e in edge_log(caplog, report.call_sid, "asr") if e["type"] in ("partial", "final")]
+    asr = transcripts(caplog, report.call_sid)
     assert record["why"] == "duration", (record, asr)
     resumed = edge_log(caplog, report.call_sid, "resume")
     assert len(resumed) == 1, "the agent did not resume"
