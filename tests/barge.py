@@ -17,6 +17,7 @@ import numpy as np
 from edge import audio, simulate
 from edge.simulate import CallReport
 from edge.triton import Triton
+from tests.conftest import EdgeServer, edge_settings
 from tests.metrics import scrape
 from tests.speech import recording
 
@@ -24,6 +25,16 @@ from tests.speech import recording
 #: generated and synthesized when the caller interrupts it
 LONG_REPLIES_PROMPT = ("You are a storyteller on the phone. Whatever the caller says, reply with a long story "
                        "about a lighthouse keeper, at least twenty sentences long.")
+
+
+
+async def storyteller_edge(triton, **settings) -> EdgeServer:
+    """An edge whose llm tells long stories (temperature 0): a reply is still being written and spoken when the
+    caller talks over it or hangs up."""
+    server = await EdgeServer(edge_settings(triton, llm_temperature=0.0, system_prompt=LONG_REPLIES_PROMPT,
+                                            **settings)).start()
+    await server.phrases_ready()
+    return server
 
 #: recordings that interrupt (Asterisk prompts: short, clear, each a different sentence)
 INTERRUPTIONS = ("please-try-call-later", "pls-hold-while-try", "privacy-incorrect", "tt-monkeysintro",

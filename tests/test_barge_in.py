@@ -22,9 +22,8 @@ from edge.app import CALLS
 from edge.call import Call, PartialWords, backchannel, repeats, words_of
 from edge.settings import DEFAULT_BACKCHANNELS
 from edge.simulate import CallerTurn
-from tests.barge import (INTERRUPTIONS, LONG_REPLIES_PROMPT, CallWatch, CancelWatch, caller, clear_unix,
-                         frames_between, run_call, speech_level, synthesize, white_noise, with_silence)
-from tests.conftest import EdgeServer, edge_settings
+from tests.barge import (INTERRUPTIONS, CallWatch, CancelWatch, caller, clear_unix, frames_between, run_call,
+                         speech_level, storyteller_edge, synthesize, white_noise, with_silence)
 from tests.metrics import wait_for
 from tests.speech import recording, wer
 
@@ -36,17 +35,10 @@ NO_GREETING = {"params": {"greeting": ""}, "wait_for_greeting": False}
 CANCEL_STOP_LIMIT_S = 1.0  # clear -> the engine stopped (loose: CI machines are busy)
 
 
-async def _edge(triton, **settings):
-    server = await EdgeServer(edge_settings(triton, llm_temperature=0.0, system_prompt=LONG_REPLIES_PROMPT,
-                                            **settings)).start()
-    await server.phrases_ready()
-    return server
-
-
 @pytest.fixture(scope="module")
 async def storyteller(triton):
     """Replies of up to 512 tokens (minutes of speech): the llm is still writing when the caller talks."""
-    server = await _edge(triton, llm_max_tokens=512)
+    server = await storyteller_edge(triton, llm_max_tokens=512)
     yield server
     await server.stop()
 
@@ -55,7 +47,7 @@ async def storyteller(triton):
 async def brief_storyteller(triton):
     """Replies of 30 tokens (about eight seconds of speech): long enough to talk over, short enough to hear out.
     FALSE_INTERRUPTION_MS is long enough that the asr's final comes before the agent resumes."""
-    server = await _edge(triton, llm_max_tokens=30, false_interruption_ms=1500)
+    server = await storyteller_edge(triton, llm_max_tokens=30, false_interruption_ms=1500)
     yield server
     await server.stop()
 

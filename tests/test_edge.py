@@ -15,6 +15,7 @@ from edge.app import CALLS
 from edge.signature import sign, sign_websocket
 from edge.simulate import run_call
 from edge.triton import Triton
+from tests.barge import storyteller_edge
 from tests.metrics import ascrape
 from tests.speech import recording, wer, word_errors, words
 
@@ -114,12 +115,23 @@ async def test_two_simultaneous_calls_hear_only_their_own_replies(edge, triton, 
     assert wer(said_b, heard_b) < wer(said_a, heard_b), (said_a, said_b, heard_b)
 
 
-async def test_stop_mid_reply_cancels_the_calls_requests_on_the_server(edge, triton):
-    """Play Twilio by hand: ask a question, and send `stop` as soon as the reply's first frame arrives."""
+@pytest.fixture
+async def storyteller(triton):
+    """Long replies: the llm is still writing when the first frame goes out (a short reply can be written and
+    synthesized whole by then, and a `stop` would find nothing to cancel)."""
+    server = await storyteller_edge(triton, llm_max_tokens=512)
+    yield server
+    await server.stop()
+
+
+async def test_stop_mid_reply_cancels_the_calls_requests_on_the_server(storyteller, triton):
+    """Play Twilio by hand: talk, and send `stop` as soon as the reply's first frame arrives."""
+    edge = storyteller
     before = await ascrape(triton.metrics_url)
     cancelled_before = sum(before.value("voice_requests_cancelled_total", model=m) for m in ("llm", "tts"))
     stream_sid, call_sid, account_sid = "MZ" + "1" * 32, "CA" + "1" * 32, "AC" + "1" * 32
-    mulaw = audio.pcm_to_mulaw(np.concatenate([caller(QUESTION), np.zeros(audio.TWILIO_RATE * 3, np.int16)]))
+    # "Weasels have eaten our phone system" gets a story from the storyteller (temperature 0)
+    mulaw = audio.pcm_to_mulaw(np.concatenate([caller(STATEMENT), np.zeros(audio.TWILIO_RATE * 3, np.int16)]))
     async with aiohttp.ClientSession() as session, session.ws_connect(edge.ws_url) as ws:
         await ws.send_str(protocol.connected_message())
         await ws.send_str(protocol.start_message(1, account_sid, stream_sid, call_sid, {"greeting": ""}))
