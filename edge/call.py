@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 from aiohttp import web
-from tritonclient.utils import InferenceServerException
 
 from edge import audio, protocol, telemetry
 from edge.clauses import ClauseChunker
@@ -51,7 +50,7 @@ INTERRUPTED = " [interrupted]"
 HUM = re.compile(r"[mhn]+")
 SURE_WORD_LETTERS = 3  # a partial's last word this long is taken at once; shorter ones wait for the next partial
 #: what a dead or failing Triton raises through the gRPC client
-TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError, InferenceServerException)
+TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError)
 
 
 @dataclass

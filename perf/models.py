@@ -104,10 +104,9 @@ def end_of_speech(pcm: np.ndarray) -> int:
 
 async def model_parameters(triton: Triton, model: str) -> dict:
     try:
-        config = await triton.client.get_model_config(model, as_json=True)
+        config = await triton.model_config(model)
     except Exception as e:  # noqa: BLE001 - informational only
         return {"error": str(e)}
-    config = config.get("config", config)
     return {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc.aio as grpc_aio
-from tritonclient.grpc import InferInput
+from tritonclient.grpc import InferResult
+from tritonclient.grpc.service_pb2 import ModelInferRequest
 
 from edge import audio
-from edge.triton import ModelError, Triton
+from edge.triton import ModelError, Triton, request
 from tests.metrics import ascrape, wait_for
 from tests.speech import recording, recordings, word_errors, words
 
@@ -164,42 +164,30 @@ async def test_call_ending_mid_sentence_gets_its_final(client):
     assert "your call is now" in finals[0]["text"].lower()
 
 
-def asr_request(call_id: str, samples: np.ndarray, datatype: str = "INT16", start: bool = False,
-                end: bool = False) -> dict:
+def asr_request(call_id: str, samples: np.ndarray, start: bool = False, end: bool = False) -> ModelInferRequest:
     """A raw request, so tests can send what the edge's client never would."""
-    t = InferInput("AUDIO", list(samples.shape), datatype)
-    t.set_data_from_numpy(samples)
-    return {"model_name": "asr", "inputs": [t], "sequence_id": call_id, "sequence_start": start, "sequence_end": end}
+    return request("asr", {"AUDIO": samples}, sequence_id=call_id, sequence_start=start, sequence_end=end)
 
 
-async def test_bad_input_fails_that_request_only(client, triton):
+async def test_bad_input_fails_that_request_only(client):
     """Wrong dtype, empty audio before the end, a 2-D chunk: each gets its error; the same call goes on."""
     call_id = f"test-asr-{uuid.uuid4()}"
     speech = frames(recording("please-try-call-later").phone_pcm16k()) + [np.zeros(STEP, np.int16)] * 60
     requests = [asr_request(call_id, np.zeros(STEP, np.int16), start=True),
-                asr_request(call_id, np.zeros(STEP, np.float32), "FP32"),
+                asr_request(call_id, np.zeros(STEP, np.float32)),
                 asr_request(call_id, np.zeros(0, np.int16)),
                 asr_request(call_id, np.zeros((2, STEP), np.int16)),
                 *(asr_request(call_id, f) for f in speech),
                 asr_request(call_id, np.zeros(0, np.int16), end=True)]
 
-    async def send():
-        for r in requests:
-            yield r
-
-    raw = grpc_aio.InferenceServerClient(triton.grpc_url)
     errors, events = [], []
-    try:
-        async for result, error in raw.stream_infer(send()):
-            if error is not None:
-                errors.append(error.message())
-                continue
-            text = result.as_numpy("EVENT")
-            events.append(json.loads(text[0]))
-            if events[-1]["type"] == "end":
-                break
-    finally:
-        await raw.close()
+    async for response in client.stub.ModelStreamInfer(iter(requests)):
+        if response.error_message:
+            errors.append(response.error_message)
+            continue
+        events.append(json.loads(InferResult(response.infer_response).as_numpy("EVENT")[0]))
+        if events[-1]["type"] == "end":
+            break
     assert len(errors) == 3, errors
     assert any("FP32" in e for e in errors) and any("AUDIO is empty" in e for e in errors)
     finals = " ".join(e["text"] for e in events if e["type"] == "final")
@@ -240,17 +228,10 @@ async def test_cancelled_call_is_dropped(client, triton):
     assert dropped(after), "the server kept the cancelled call's state"
     # Triton's sequence batcher keeps a sequence open until its END or an idle timeout; an END after the
     # cancel closes it at once (the model, which has dropped the call, answers it with an error)
-    raw = grpc_aio.InferenceServerClient(triton.grpc_url)
-
-    async def end():
-        yield asr_request(stream.call_id, np.zeros(0, np.int16), end=True)
-
-    try:
-        async for result, error in raw.stream_infer(end()):
-            assert error is not None and "no asr state" in error.message()
-            break
-    finally:
-        await raw.close()
+    async for response in client.stub.ModelStreamInfer(iter([asr_request(stream.call_id, np.zeros(0, np.int16),
+                                                                          end=True)])):
+        assert "no asr state" in response.error_message
+        break
 
 
 # -- the turn logic on its own, without the server --------------------------------------------------------------

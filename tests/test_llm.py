@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tritonclient.grpc import InferInput
+from tritonclient.grpc.service_pb2 import ModelInferRequest
 
-from edge.triton import ModelError, Triton
+from edge.triton import ModelError, Triton, request
 from tests.metrics import ascrape, wait_for
 
 log = logging.getLogger(__name__)
@@ -43,28 +43,23 @@ async def timed_reply(client: Triton, messages: list[dict], **kwargs) -> tuple[l
     return deltas, first or 0.0, time.perf_counter() - start
 
 
-def llm_inputs(messages: bytes, max_tokens: int | None = None, temperature: float | None = None,
-               stop: list[str] | None = None) -> list[InferInput]:
+def llm_request(messages: bytes, max_tokens: int | None = None, temperature: float | None = None,
+               stop: list[str] | None = None) -> ModelInferRequest:
     """The raw request, so tests can send what the edge's client never would."""
-    def tensor(name, array, datatype):
-        t = InferInput(name, list(array.shape), datatype)
-        t.set_data_from_numpy(array)
-        return t
-
-    inputs = [tensor("MESSAGES", np.array([messages], dtype=np.object_), "BYTES")]
+    inputs = {"MESSAGES": np.array([messages], dtype=np.object_)}
     if max_tokens is not None:
-        inputs.append(tensor("MAX_TOKENS", np.array([max_tokens], np.int32), "INT32"))
+        inputs["MAX_TOKENS"] = np.array([max_tokens], np.int32)
     if temperature is not None:
-        inputs.append(tensor("TEMPERATURE", np.array([temperature], np.float32), "FP32"))
+        inputs["TEMPERATURE"] = np.array([temperature], np.float32)
     if stop:
-        inputs.append(tensor("STOP", np.array([s.encode() for s in stop], dtype=np.object_), "BYTES"))
-    return inputs
+        inputs["STOP"] = np.array([s.encode() for s in stop], dtype=np.object_)
+    return request("llm", inputs)
 
 
 async def raw_reply(client: Triton, messages: bytes, **kwargs) -> tuple[str, str]:
     """(the whole text, FINISH_REASON of the FINAL response) of one request."""
     texts, reason = [], None
-    async for result in client._stream({"model_name": "llm", "inputs": llm_inputs(messages, **kwargs)}):
+    async for result in client._stream(llm_request(messages, **kwargs)):
         texts.append(result.as_numpy("TEXT")[0].decode())
         reason = result.as_numpy("FINISH_REASON")[0].decode()
     return "".join(texts), reason

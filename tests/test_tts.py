@@ -9,10 +9,10 @@ import uuid
 
 import numpy as np
 import pytest
-from tritonclient.grpc import InferInput
+from tritonclient.grpc.service_pb2 import ModelInferRequest
 
 from edge import audio
-from edge.triton import ModelError, Triton
+from edge.triton import ModelError, Triton, request
 from tests.metrics import ascrape, wait_for
 from tests.speech import wer
 
@@ -89,21 +89,16 @@ async def test_rate_and_voice_are_honoured(client):
     assert slow_s > 1.5 * fast_s, f"rate 0.75 gave {slow_s:.2f} s, rate 1.5 gave {fast_s:.2f} s"
 
 
-def tts_inputs(text: bytes | None, voice: bytes | None = None, rate: float | None = None) -> list[InferInput]:
+def tts_request(text: bytes | None, voice: bytes | None = None, rate: float | None = None) -> ModelInferRequest:
     """The raw request, so tests can send what the edge's client never would."""
-    def tensor(name, array, datatype):
-        t = InferInput(name, list(array.shape), datatype)
-        t.set_data_from_numpy(array)
-        return t
-
-    inputs = []
+    inputs = {}
     if text is not None:
-        inputs.append(tensor("TEXT", np.array([text], dtype=np.object_), "BYTES"))
+        inputs["TEXT"] = np.array([text], dtype=np.object_)
     if voice is not None:
-        inputs.append(tensor("VOICE", np.array([voice], dtype=np.object_), "BYTES"))
+        inputs["VOICE"] = np.array([voice], dtype=np.object_)
     if rate is not None:
-        inputs.append(tensor("RATE", np.array([rate], np.float32), "FP32"))
-    return inputs
+        inputs["RATE"] = np.array([rate], np.float32)
+    return request("tts", inputs)
 
 
 BAD_REQUESTS = {
@@ -122,7 +117,7 @@ BAD_REQUESTS = {
 async def test_bad_input_is_refused_and_the_model_keeps_serving(client, case):
     text, kwargs, error = BAD_REQUESTS[case]
     with pytest.raises(ModelError, match=error):
-        async for _ in client._stream({"model_name": "tts", "inputs": tts_inputs(text, **kwargs)}):
+        async for _ in client._stream(tts_request(text, **kwargs)):
             pass
     chunks, _, _ = await timed_speech(client, "Hello.")
     assert sum(map(len, chunks)) > 0
