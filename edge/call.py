@@ -42,7 +42,7 @@ log = logging.getLogger("edge.call")
 MAX_BAD_MESSAGES = 20
 OVERLAP_PAUSE_S = 0.3  # a pause this short inside the caller's speech does not end an overlap
 ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
-#: caller audio goes to asr in ASR_BATCH_MS this long after a frame with sound, and after the asr's speech_stop
+#: caller quiet goes to asr in ASR_BATCH_MS this long after a frame with sound, and after the asr's speech_stop
 #: until the turn's final (at most this long: noise brings none): onsets and endpoints are not held back
 SOUND_ATTENTION_S = 0.5
 ENDPOINT_ATTENTION_S = 2.0
@@ -130,7 +130,7 @@ class Call:
         self._asr_base_ms = 0.0  # call audio before the current asr stream began
         self._caller_speaking = False
         self._speech_stop_ms: float | None = None
-        self._attentive_until = 0.0  # monotonic time until which caller audio goes to asr in ASR_BATCH_MS
+        self._attentive_until = 0.0  # monotonic time until which caller quiet goes to asr in ASR_BATCH_MS
         self._held: list[bytes] = []  # caller audio not yet sent to asr
         self._held_ms = 0.0
         self._last_activity = time.monotonic()
@@ -262,9 +262,12 @@ class Call:
     def _hear(self, mulaw: bytes) -> None:
         """Caller audio: remember when each millisecond arrived; decode, upsample and stream it to asr.
 
-        Frames go to asr in batches (fewer gRPC requests: each costs the edge and Triton alike):
-        ASR_BATCH_MS while the caller may be talking (a frame with sound, their speech, an endpoint
-        pending), ASR_QUIET_BATCH_MS on a quiet line. The frame that brings sound goes at once."""
+        Frames go to asr in batches (each gRPC request costs the edge and Triton alike): ASR_SPEECH_BATCH_MS
+        while the caller talks and the agent is quiet (nothing waits on their words until they pause; the first
+        quiet frame sends the batch, as it is over ASR_BATCH_MS), ASR_BATCH_MS while the caller may be talking
+        or ending a turn (sound the VAD has yet to call speech, words that may interrupt the agent, an endpoint
+        pending: it counts silence), ASR_QUIET_BATCH_MS on a quiet line. The frame that brings sound to a quiet
+        line goes at once."""
         now = time.monotonic()
         frame_ms = len(mulaw) * 1000 / audio.TWILIO_RATE
         self._received_ms += frame_ms
@@ -274,13 +277,17 @@ class Call:
             del self._audio_ms[:ARRIVALS_KEPT // 2], self._arrivals[:ARRIVALS_KEPT // 2]
         self._held.append(mulaw)
         self._held_ms += frame_ms
-        if audio.mulaw_has_sound(mulaw):
-            flush = now >= self._attentive_until  # an onset: the asr's VAD sees it now
+        sound = audio.mulaw_has_sound(mulaw)
+        onset = sound and now >= self._attentive_until  # the asr's VAD sees it now
+        if sound:
             self._attentive_until = max(self._attentive_until, now + SOUND_ATTENTION_S)
+        if sound and self._caller_speaking and not self._agent_busy():
+            batch = self.settings.asr_speech_batch_ms
+        elif now < self._attentive_until:
+            batch = self.settings.asr_batch_ms
         else:
-            flush = False
-        batch = self.settings.asr_batch_ms if now < self._attentive_until else self.settings.asr_quiet_batch_ms
-        if flush or self._held_ms >= batch:
+            batch = self.settings.asr_quiet_batch_ms
+        if onset or self._held_ms >= batch:
             self._send_held()
 
     def _send_held(self) -> None:

@@ -60,6 +60,7 @@ from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, co
                          histogram_quantile, histograms, jitter_and_glitches, machine_cpu, machine_info, reply_gaps,
                          save_results, scrape, stats, wait_quiet)
 from perf.swarm import Prepared, Swarm, prepare
+from tests.metrics import Metrics
 from tests.speech import recordings
 
 MODELS_DIR = ROOT / "perf" / "models"
@@ -96,6 +97,11 @@ def probe(url: str, out: Path, interval: float) -> None:
             except (OSError, http.client.HTTPException):
                 conn = None
             time.sleep(max(interval - (time.perf_counter() - p0), 0.0))
+
+
+def asr_requests(triton_metrics_url: str) -> float:
+    """The asr requests Triton has received so far (each costs the edge a gRPC write)."""
+    return Metrics(scrape(triton_metrics_url)).value("nv_inference_request_success_total", model="asr")
 
 
 def probe_samples(path: Path, since: float, until: float) -> list[float]:
@@ -172,7 +178,8 @@ class Cpu:
         return out
 
 
-async def level(n: int, args, pool, edge_url: str, metrics_url: str, pids: CpuTracker, probe_log: Path,
+async def level(n: int, args, pool, edge_url: str, metrics_url: str, triton_metrics_url: str, pids: CpuTracker,
+                probe_log: Path,
                 session: aiohttp.ClientSession, lag: LoopLag, swarm: Swarm) -> dict:
     rng = random.Random(1000 + n)
     plans = [caller_turns(pool, rng, args.turns_per_call, args.barge_in) for _ in range(n)]
@@ -199,12 +206,12 @@ async def level(n: int, args, pool, edge_url: str, metrics_url: str, pids: CpuTr
     await asyncio.sleep(0.5)  # the last call's start message and greeting settle
     lag.take()
     w0, cpu1, loop_w0 = time.time(), Cpu(pids), asyncio.get_running_loop().time()
-    text0 = await asyncio.to_thread(scrape, metrics_url)
+    text0, asr0 = await asyncio.to_thread(scrape, metrics_url), await asyncio.to_thread(asr_requests, triton_metrics_url)
     h0 = histograms(text0, "edge_event_loop_lag_seconds")
     gc0, sim_gc0 = histograms(text0, "perf_edge_gc_pause_seconds", "generation"), len(GC.pauses)
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     w1, cpu2 = time.time(), Cpu(pids)
-    text1 = await asyncio.to_thread(scrape, metrics_url)
+    text1, asr1 = await asyncio.to_thread(scrape, metrics_url), await asyncio.to_thread(asr_requests, triton_metrics_url)
     h1 = histograms(text1, "edge_event_loop_lag_seconds")
     edge_gc = histogram_delta(histograms(text1, "perf_edge_gc_pause_seconds", "generation"), gc0)
     sim_gc = [(g, p) for _, g, p in GC.pauses[sim_gc0:]]
@@ -240,7 +247,7 @@ async def level(n: int, args, pool, edge_url: str, metrics_url: str, pids: CpuTr
     edge_cores = steady.get("edge") or None
     result = {
         "calls": n, "steady_window_s": round(w1 - w0, 1), "level_s": round(time.time() - wall0, 1),
-        "frames_in_window": frames,
+        "frames_in_window": frames, "asr_requests_per_call_s": round((asr1 - asr0) / n / (w1 - w0), 1),
         "jitter_ms": stats(jitter), "glitches": glitches,
         "edge_loop_lag_ms": edge_lag_stats,
         "healthz_rtt_ms": stats(probe_samples(probe_log, w0, w1)),
@@ -292,7 +299,7 @@ def table(result: dict) -> str:
         return "-" if v is None else f"{v:.{nd}f}"
     lines = [f"{'calls':>5} {'jit p50':>7} {'jit p99':>7} {'jit max':>7} {'glitch':>6} {'lag p50':>7} {'lag p99':>7} "
              f"{'hz p99':>6} {'simlag99':>8} {'edge cpu':>8} {'triton':>6} {'sim':>5} {'others':>6} {'calls/core':>10} "
-             f"{'unans':>5} {'ok':>3}"]
+             f"{'asr/s':>5} {'unans':>5} {'ok':>3}"]
     for lv in result["levels"]:
         lag = lv["edge_loop_lag_ms"] or {}
         c = lv["cores_steady"]
@@ -301,10 +308,10 @@ def table(result: dict) -> str:
                      f"{f(lag.get('p99')):>7} {f(lv['healthz_rtt_ms'].get('p99')):>6} "
                      f"{f(lv['sim_loop_lag_ms'].get('p99')):>8} {f(c.get('edge'), 2):>8} {f(c.get('triton'), 2):>6} "
                      f"{f(c.get('simulator'), 2):>5} {f(c.get('others'), 2):>6} {f(lv['calls_per_edge_core']):>10} "
-                     f"{lv['unanswered_turns']:>5} "
+                     f"{f(lv.get('asr_requests_per_call_s')):>5} {lv['unanswered_turns']:>5} "
                      f"{'yes' if lv['passed'] else 'NO':>3}")
     m = result["machine"]
-    lines.append(f"(ms; cores = CPU seconds per second in the steady window; others = the rest of the machine) machine: {m['cpu']}, "
+    lines.append(f"(ms; cores = CPU seconds per second in the steady window; others = the rest of the machine; asr/s = asr requests per call-second) machine: {m['cpu']}, "
                  f"{m['cores_usable']} cores, load {m['loadavg_start']} at start, {m['date']}")
     s = result["summary"]
     lines.append(f"max calls within limits: {s['max_calls_passed']}; edge calls per core there: "
@@ -369,7 +376,8 @@ def recordings_8k(max_seconds: float) -> list[tuple[str, np.ndarray, Prepared]]:
     return pool
 
 
-async def run(args, edge_url: str, metrics_url: str, pids: CpuTracker, probe_log: Path) -> list[dict]:
+async def run(args, edge_url: str, metrics_url: str, triton_metrics_url: str, pids: CpuTracker,
+              probe_log: Path) -> list[dict]:
     pool = recordings_8k(args.max_recording_s)
     lag = LoopLag().start()
     results = []
@@ -380,7 +388,8 @@ async def run(args, edge_url: str, metrics_url: str, pids: CpuTracker, probe_log
                 quiet = await wait_quiet(lambda: sum(Cpu(pids).cpu.values()), args.quiet_cores, args.wait_quiet_s) \
                     if args.wait_quiet_s > 0 else None
                 print(f"level {n} calls (attempt {attempt}) ... {quiet or ''}", file=sys.stderr, flush=True)
-                lv = await level(n, args, pool, edge_url, metrics_url, pids, probe_log, session, lag, swarm)
+                lv = await level(n, args, pool, edge_url, metrics_url, triton_metrics_url, pids, probe_log, session,
+                                 lag, swarm)
                 lv["attempt"] = attempt
                 lv["before"] = quiet
                 results.append(lv)
@@ -466,8 +475,8 @@ def main() -> None:
                         pass
             machine["pinned"] = {"edge": cores[-1], "others_of_ours": cores[:-1]}
         exported = "edge_event_loop_lag_seconds" in scrape(f"http://127.0.0.1:{port}/metrics")
-        levels = asyncio.run(run(args, f"ws://127.0.0.1:{port}/media", f"http://127.0.0.1:{port}/metrics", tracker,
-                                 probe_log))
+        levels = asyncio.run(run(args, f"ws://127.0.0.1:{port}/media", f"http://127.0.0.1:{port}/metrics",
+                                 server.metrics_url, tracker, probe_log))
     finally:
         stop(prober)
         stop(edge)
