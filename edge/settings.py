@@ -85,17 +85,17 @@ class Settings(BaseSettings):
         80, ge=0, le=1000, description="How far ahead of real time outbound audio is sent to Twilio: enough to ride "
                                        "out network jitter, small enough that a barge-in clear drops little.")
     asr_speech_batch_ms: int = Field(
-        100, ge=20, le=500, description="Caller audio goes to asr in requests of this many ms while the caller "
-                                        "talks and the agent is quiet: nothing waits on their words until they "
-                                        "pause (their first quiet frame sends it), and each request costs the edge "
-                                        "and Triton a gRPC write.")
+        200, ge=20, le=1000, description="Caller audio goes to asr in requests of this many ms while the caller "
+                                         "talks and the agent is quiet: nothing waits on their words until they "
+                                         "pause (their first quiet frame sends it), and each request costs the edge "
+                                         "and Triton a gRPC write.")
     asr_batch_ms: int = Field(
         40, ge=20, le=200, description="The same while the caller may be talking or ending a turn (sound the asr "
                                        "has yet to call speech, words that may interrupt the agent, their turn's "
-                                       "endpoint pending: it counts silence in these steps); the frame that brings sound "
-                                       "to a quiet line goes at once.")
+                                       "endpoint pending: it counts silence in these steps); the frame that brings "
+                                       "sound to a quiet line goes at once.")
     asr_quiet_batch_ms: int = Field(
-        200, ge=20, le=1000, description="The same on a quiet line with no turn of the caller's pending.")
+        400, ge=20, le=1000, description="The same on a quiet line with no turn of the caller's pending.")
     tts_ahead_s: float = Field(
         3.0, ge=0.5, le=60, description="The next clause goes to tts when less than this much of the reply's audio "
                                         "is waiting to be sent: enough to ride out a slow clause, and a barge-in "
