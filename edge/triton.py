@@ -6,10 +6,10 @@ an `llm()` / `tts()` iteration early (break, exception, task cancel) cancels its
 stream, and Triton's `request.is_cancelled()` stops the engine.
 
 Requests are protobufs built straight from numpy arrays (`request()`) and sent
-on Triton's generated gRPC stub: a call's asr stream carries 10-25 requests a
-second, and tritonclient's dict -> InferInput -> protobuf path per request cost
-the edge ~40 of its ~115 µs (perf/README.md, "Edge alone"). Responses are read
-with tritonclient's `InferResult`.
+on Triton's generated gRPC stub: a call's asr stream carries several requests a
+second, and tritonclient's dict -> InferInput -> protobuf path costs more per
+request (`python -m perf.asr_client`). Responses are read with tritonclient's
+`InferResult`.
 """
 
 from __future__ import annotations
