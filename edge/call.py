@@ -42,7 +42,8 @@ log = logging.getLogger("edge.call")
 MAX_BAD_MESSAGES = 20
 OVERLAP_PAUSE_S = 0.3  # a pause this short inside the caller's speech does not end an overlap
 ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
-#: caller quiet goes to asr in ASR_BATCH_MS this long after a frame with sound, and after the asr's speech_stop
+#: caller audio goes to asr in ASR_BATCH_MS (speech while the agent is quiet: ASR_SPEECH_BATCH_MS) this long
+#: after a frame with sound, and after the asr's speech_stop
 #: until the turn's final (at most this long: noise brings none): onsets and endpoints are not held back
 SOUND_ATTENTION_S = 0.5
 ENDPOINT_ATTENTION_S = 2.0
@@ -130,7 +131,7 @@ class Call:
         self._asr_base_ms = 0.0  # call audio before the current asr stream began
         self._caller_speaking = False
         self._speech_stop_ms: float | None = None
-        self._attentive_until = 0.0  # monotonic time until which caller quiet goes to asr in ASR_BATCH_MS
+        self._attentive_until = 0.0  # monotonic time until which caller audio goes to asr in ASR_BATCH_MS
         self._held: list[bytes] = []  # caller audio not yet sent to asr
         self._held_ms = 0.0
         self._last_activity = time.monotonic()
@@ -263,8 +264,8 @@ class Call:
         """Caller audio: remember when each millisecond arrived; decode, upsample and stream it to asr.
 
         Frames go to asr in batches (each gRPC request costs the edge and Triton alike): ASR_SPEECH_BATCH_MS
-        while the caller talks and the agent is quiet (nothing waits on their words until they pause; the first
-        quiet frame sends the batch, as it is over ASR_BATCH_MS), ASR_BATCH_MS while the caller may be talking
+        while the caller talks and the agent is quiet (nothing waits on their words until they pause; a quiet
+        frame sends what is held once it is ASR_BATCH_MS), ASR_BATCH_MS while the caller may be talking
         or ending a turn (sound the VAD has yet to call speech, words that may interrupt the agent, an endpoint
         pending: it counts silence), ASR_QUIET_BATCH_MS on a quiet line. The frame that brings sound to a quiet
         line goes at once."""

@@ -12,6 +12,8 @@ import pytest
 
 from edge import audio, protocol
 from edge.app import CALLS
+from edge.call import Call
+from edge.settings import Settings
 from edge.signature import sign, sign_websocket
 from edge.simulate import run_call
 from edge.triton import Triton
@@ -184,3 +186,34 @@ class TestSignatures:
                 await ws.send_str(protocol.stop_message(1, "MZ" + "0" * 32, "AC" + "0" * 32, "CA" + "0" * 32))
                 closed = await ws.receive(timeout=10)
                 assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+# -- caller audio to asr, on its own, without the server --------------------------------------------------------
+
+class CountingAsr:
+    """Stands in for the call's asr stream: counts the requests the call sends."""
+
+    def __init__(self):
+        self.requests = 0
+
+    def send(self, pcm16k) -> None:
+        self.requests += 1
+
+
+def test_caller_speech_goes_to_asr_in_larger_requests_only_while_nothing_waits_on_it():
+    call = Call(ws=None, settings=Settings(), triton=None, phrases=None)
+    call.state, call._asr = "active", CountingAsr()
+    speech = audio.pcm_to_mulaw((np.sin(np.arange(audio.FRAME_BYTES) / 3) * 8000).astype(np.int16))
+    call._hear(speech)
+    assert call._asr.requests == 1  # the frame that brings sound to a quiet line goes at once
+    call._hear(speech)
+    assert call._asr.requests == 1
+    call._caller_speaking = True  # the asr's speech_start: nothing waits on their words until they pause
+    for _ in range(40):
+        call._hear(speech)
+    assert call._asr.requests == 1 + 800 // call.settings.asr_speech_batch_ms
+    call.playback.enqueue("Let me check.", speech * 50)  # the agent talks: their words may interrupt it
+    before = call._asr.requests
+    for _ in range(40):
+        call._hear(speech)
+    assert call._asr.requests - before >= 800 // call.settings.asr_batch_ms - 1
