@@ -116,7 +116,8 @@ async def measure(url: str, args) -> dict:
     for _ in range(args.rounds):
         for name, client in CLIENTS.items():
             sent, used = await client(url, args.calls, args.rate, args.seconds)
-            runs[name].append({"requests": sent, "cpu_s": round(used, 3), "us_per_request": round(used / sent * 1e6, 1)})
+            runs[name].append({"requests": sent, "cpu_s": round(used, 3),
+                               "us_per_request": round(used / sent * 1e6, 1)})
     return runs
 
 

@@ -206,12 +206,14 @@ async def level(n: int, args, pool, edge_url: str, metrics_url: str, triton_metr
     await asyncio.sleep(0.5)  # the last call's start message and greeting settle
     lag.take()
     w0, cpu1, loop_w0 = time.time(), Cpu(pids), asyncio.get_running_loop().time()
-    text0, asr0 = await asyncio.to_thread(scrape, metrics_url), await asyncio.to_thread(asr_requests, triton_metrics_url)
+    text0 = await asyncio.to_thread(scrape, metrics_url)
+    asr0 = await asyncio.to_thread(asr_requests, triton_metrics_url)
     h0 = histograms(text0, "edge_event_loop_lag_seconds")
     gc0, sim_gc0 = histograms(text0, "perf_edge_gc_pause_seconds", "generation"), len(GC.pauses)
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     w1, cpu2 = time.time(), Cpu(pids)
-    text1, asr1 = await asyncio.to_thread(scrape, metrics_url), await asyncio.to_thread(asr_requests, triton_metrics_url)
+    text1 = await asyncio.to_thread(scrape, metrics_url)
+    asr1 = await asyncio.to_thread(asr_requests, triton_metrics_url)
     h1 = histograms(text1, "edge_event_loop_lag_seconds")
     edge_gc = histogram_delta(histograms(text1, "perf_edge_gc_pause_seconds", "generation"), gc0)
     sim_gc = [(g, p) for _, g, p in GC.pauses[sim_gc0:]]
@@ -311,7 +313,8 @@ def table(result: dict) -> str:
                      f"{f(lv.get('asr_requests_per_call_s')):>5} {lv['unanswered_turns']:>5} "
                      f"{'yes' if lv['passed'] else 'NO':>3}")
     m = result["machine"]
-    lines.append(f"(ms; cores = CPU seconds per second in the steady window; others = the rest of the machine; asr/s = asr requests per call-second) machine: {m['cpu']}, "
+    lines.append(f"(ms; cores = CPU seconds per second in the steady window; others = the rest of the machine; "
+                 f"asr/s = asr requests per call-second) machine: {m['cpu']}, "
                  f"{m['cores_usable']} cores, load {m['loadavg_start']} at start, {m['date']}")
     s = result["summary"]
     lines.append(f"max calls within limits: {s['max_calls_passed']}; edge calls per core there: "

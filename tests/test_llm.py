@@ -44,7 +44,7 @@ async def timed_reply(client: Triton, messages: list[dict], **kwargs) -> tuple[l
 
 
 def llm_request(messages: bytes, max_tokens: int | None = None, temperature: float | None = None,
-               stop: list[str] | None = None) -> ModelInferRequest:
+                stop: list[str] | None = None) -> ModelInferRequest:
     """The raw request, so tests can send what the edge's client never would."""
     inputs = {"MESSAGES": np.array([messages], dtype=np.object_)}
     if max_tokens is not None:
