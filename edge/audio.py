@@ -8,6 +8,8 @@ indexing operation.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import soxr
 
@@ -80,6 +82,43 @@ class Resampler:
 def phone_line(samples: np.ndarray, rate: int) -> bytes:
     """What a caller's audio becomes on a phone line: 8 kHz mu-law (tests and the call simulator use it)."""
     return pcm_to_mulaw(resample(samples, rate, TWILIO_RATE))
+
+
+#: mu-law byte -> its magnitude code, 0 (silence) to 127 (full scale): G.711 is logarithmic, so above the
+#: lowest segments a code is ~0.4 dB (16 codes double the amplitude)
+_MAGNITUDE = bytes((~b) & 0x7F for b in range(256))
+_ABOVE = [bytes(int(m > code) for m in _MAGNITUDE) for code in range(128)]  # code -> byte -> 1 if louder
+_SOUND_CODE = max(_MAGNITUDE[b] for b in range(256) if abs(int(_DECODE[b])) <= SOUND_THRESHOLD)
+
+
+class SoundGate:
+    """Tells a caller's frame with sound from the line's own noise.
+
+    A real line is seldom digital silence: street, car and fan noise on a mobile call is louder than
+    SOUND_THRESHOLD, and a fixed threshold would call every frame of it sound. A frame is sound when its peak
+    passes SOUND_THRESHOLD and the line's noise floor by `margin_codes` (24: ~9 dB); the floor is the quietest
+    frame's peak in the last `window_s` (minimum statistics: speech comes in bursts with quieter frames
+    between them, noise is always there). On digital silence it is `mulaw_has_sound`. It runs on every frame,
+    so a frame is one or two C passes over its bytes; its exact peak is taken only when it is the quietest
+    of its block so far."""
+
+    def __init__(self, margin_codes: int = 24, window_s: float = 1.5, blocks: int = 3):
+        self.margin = margin_codes
+        self._block_frames = max(1, round(window_s * 1000 / FRAME_MS / blocks))
+        self._minima: collections.deque[int] = collections.deque(maxlen=blocks)  # of the last whole blocks
+        self._window_min = 127
+        self._block_min, self._in_block = 127, 0
+
+    def __call__(self, frame: bytes) -> bool:
+        if self._block_min and b"\x01" not in frame.translate(_ABOVE[self._block_min - 1]):
+            self._block_min = max(frame.translate(_MAGNITUDE))
+        threshold = max(_SOUND_CODE, min(self._block_min, self._window_min) + self.margin)
+        self._in_block += 1
+        if self._in_block == self._block_frames:
+            self._minima.append(self._block_min)
+            self._window_min = min(self._minima)
+            self._block_min, self._in_block = 127, 0
+        return threshold < 127 and b"\x01" in frame.translate(_ABOVE[threshold])
 
 
 def mulaw_has_sound(frame: bytes) -> bool:

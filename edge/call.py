@@ -43,9 +43,9 @@ MAX_BAD_MESSAGES = 20
 OVERLAP_PAUSE_S = 0.3  # a pause this short inside the caller's speech does not end an overlap
 ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
 #: caller audio goes to asr in ASR_BATCH_MS (speech while the agent is quiet: ASR_SPEECH_BATCH_MS) this long
-#: after a frame with sound, and after the asr's speech_stop
-#: until the turn's final (at most this long: noise brings none): onsets and endpoints are not held back
+#: after a frame with sound: onsets are not held back
 SOUND_ATTENTION_S = 0.5
+#: and this long after a speech_stop that does not say when the endpoint is decided (its `endpoint_ms`)
 ENDPOINT_ATTENTION_S = 2.0
 INTERRUPTED = " [interrupted]"
 HUM = re.compile(r"[mhn]+")
@@ -134,6 +134,8 @@ class Call:
         self._attentive_until = 0.0  # monotonic time until which caller audio goes to asr in ASR_BATCH_MS
         self._held: list[bytes] = []  # caller audio not yet sent to asr
         self._held_ms = 0.0
+        self._sound = audio.SoundGate()
+        self._endpoint_marks: list[float] = []  # asr stream ms at which the asr may end the caller's turn
         self._last_activity = time.monotonic()
         self._idle_prompted = False
         self._bad_messages = 0
@@ -265,10 +267,12 @@ class Call:
 
         Frames go to asr in batches (each gRPC request costs the edge and Triton alike): ASR_SPEECH_BATCH_MS
         while the caller talks and the agent is quiet (nothing waits on their words until they pause; a quiet
-        frame sends what is held once it is ASR_BATCH_MS), ASR_BATCH_MS while the caller may be talking
-        or ending a turn (sound the VAD has yet to call speech, words that may interrupt the agent, an endpoint
-        pending: it counts silence), ASR_QUIET_BATCH_MS on a quiet line. The frame that brings sound to a quiet
-        line goes at once."""
+        frame sends what is held once it is ASR_BATCH_MS), ASR_BATCH_MS while sound may be the caller starting
+        to talk or interrupting the agent (sound the VAD has yet to call speech, words over the agent's),
+        ASR_QUIET_BATCH_MS on a quiet line. What is held goes at once with the frame that brings sound to a
+        quiet line, and with the frame that reaches an audio time at which the asr may end the turn (its
+        speech_stop's `endpoint_ms`): the endpoint waits on no batch. Sound is told from the line's own noise
+        (`audio.SoundGate`)."""
         now = time.monotonic()
         frame_ms = len(mulaw) * 1000 / audio.TWILIO_RATE
         self._received_ms += frame_ms
@@ -278,8 +282,12 @@ class Call:
             del self._audio_ms[:ARRIVALS_KEPT // 2], self._arrivals[:ARRIVALS_KEPT // 2]
         self._held.append(mulaw)
         self._held_ms += frame_ms
-        sound = audio.mulaw_has_sound(mulaw)
+        sound = self._sound(mulaw)
         onset = sound and now >= self._attentive_until  # the asr's VAD sees it now
+        stream_ms = self._received_ms - self._asr_base_ms
+        endpoint = bool(self._endpoint_marks) and stream_ms >= self._endpoint_marks[0]
+        if endpoint:
+            self._endpoint_marks = [mark for mark in self._endpoint_marks if mark > stream_ms]
         if sound:
             self._attentive_until = max(self._attentive_until, now + SOUND_ATTENTION_S)
         if sound and self._caller_speaking and not self._agent_busy():
@@ -288,7 +296,7 @@ class Call:
             batch = self.settings.asr_batch_ms
         else:
             batch = self.settings.asr_quiet_batch_ms
-        if onset or self._held_ms >= batch:
+        if onset or endpoint or self._held_ms >= batch:
             self._send_held()
 
     def _send_held(self) -> None:
@@ -329,6 +337,7 @@ class Call:
         if kind == "speech_start":
             self._caller_speaking = True
             self._attentive_until = float("inf")
+            self._endpoint_marks = []
             self._drop_speculation()  # the caller goes on: the pause was not the end
             self._last_activity = time.monotonic()
             if self.overlap is not None:
@@ -337,7 +346,8 @@ class Call:
                 self._overlap_began(self._when(event["audio_ms"]))
         elif kind == "speech_stop":
             self._caller_speaking = False
-            self._attentive_until = time.monotonic() + ENDPOINT_ATTENTION_S
+            self._endpoint_marks = sorted(event.get("endpoint_ms", []))
+            self._attentive_until = time.monotonic() + (0 if self._endpoint_marks else ENDPOINT_ATTENTION_S)
             self._speech_stop_ms = event["audio_ms"]
             self._last_activity = time.monotonic()
             if self.overlap:
@@ -363,6 +373,7 @@ class Call:
         self._last_activity = time.monotonic()
         self._caller_speaking = False
         self._attentive_until = self._last_activity
+        self._endpoint_marks = []
         self._partial_words.last = []  # the asr's next partials are of a new turn
         self._end_overlap()
         speculation, self.speculation = self.speculation, None

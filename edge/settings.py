@@ -90,12 +90,13 @@ class Settings(BaseSettings):
                                          "pause (their first quiet frame sends it), and each request costs the edge "
                                          "and Triton a gRPC write.")
     asr_batch_ms: int = Field(
-        40, ge=20, le=200, description="The same while the caller may be talking or ending a turn (sound the asr "
-                                       "has yet to call speech, words that may interrupt the agent, their turn's "
-                                       "endpoint pending: it counts silence in these steps); the frame that brings "
-                                       "sound to a quiet line goes at once.")
+        40, ge=20, le=200, description="The same while sound may be the caller starting to talk or interrupting the "
+                                       "agent (sound the asr has yet to call speech, words over the agent's); the "
+                                       "frame that brings sound to a quiet line goes at once.")
     asr_quiet_batch_ms: int = Field(
-        400, ge=20, le=1000, description="The same on a quiet line with no turn of the caller's pending.")
+        1000, ge=20, le=2000, description="The same on a quiet line (line noise is quiet). A turn's endpoint waits on "
+                                          "no batch: audio goes at once when it reaches a time at which the asr may "
+                                          "end the turn (its speech_stop's endpoint_ms).")
     tts_ahead_s: float = Field(
         3.0, ge=0.5, le=60, description="The next clause goes to tts when less than this much of the reply's audio "
                                         "is waiting to be sent: enough to ride out a slow clause, and a barge-in "

@@ -52,6 +52,27 @@ class CallerTurn:
     dtmf: str = ""  # digits pressed as the turn starts
 
 
+class LineNoise:
+    """A phone line's background noise (street, car, a fan): white noise at `dbfs` RMS under the caller's
+    speech and in every pause, as 20 ms mu-law frames. Speech is still told by the clean recording."""
+
+    def __init__(self, dbfs: float, seed: int = 0, seconds: float = 10.0):
+        rms = 32768 * 10 ** (dbfs / 20)
+        self._noise = np.random.default_rng(seed).normal(0, rms, int(seconds * audio.TWILIO_RATE))
+        self.frames = _frames(self._noise.clip(-32768, 32767).astype(np.int16))[0]
+        self._next = 0
+
+    def under(self, samples: np.ndarray) -> np.ndarray:
+        """`samples` with the line's noise added."""
+        noise = np.resize(self._noise, len(samples))
+        return (samples.astype(np.float64) + noise).clip(-32768, 32767).astype(np.int16)
+
+    def frame(self) -> bytes:
+        """The next frame of the line when the caller says nothing."""
+        self._next = (self._next + 1) % len(self.frames)
+        return self.frames[self._next]
+
+
 TurnLike = Union[CallerTurn, np.ndarray, str, Path]
 
 
@@ -259,8 +280,9 @@ class _Playback:
 class _Call:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, report: CallReport, turns: list[CallerTurn], *,
                  wait_for_greeting: bool, wait_for_reply: bool, pause_ms: float, barge_in_ms: float | None,
-                 reply_timeout_s: float, tail_ms: float):
+                 reply_timeout_s: float, tail_ms: float, line_noise: LineNoise | None = None):
         self.ws, self.report, self.turns = ws, report, turns
+        self.line_noise = line_noise
         self.wait_for_greeting, self.wait_for_reply = wait_for_greeting, wait_for_reply
         self.pause_ms, self.barge_in_ms = pause_ms, barge_in_ms
         self.reply_timeout_s, self.tail_ms = reply_timeout_s, tail_ms
@@ -275,7 +297,11 @@ class _Call:
         # the caller's side: which turn, which frame, and what the caller is waiting for
         self.turn_index = 0
         self.frame_index = -1  # -1: waiting to start turn_index
-        self.prepared = [_frames(turn.audio) for turn in turns]  # before the clock starts: no work at a turn's start
+        # before the clock starts: no work at a turn's start (what is speech is told from the clean recording)
+        self.prepared = [_frames(turn.audio) for turn in turns]
+        if line_noise:
+            self.prepared = [(_frames(line_noise.under(turn.audio))[0], sounding)
+                             for turn, (_, sounding) in zip(turns, self.prepared)]
         self.frames: list[bytes] = []
         self.sounding: list[bool] = []
         self.wait_ref = 0.0  # the agent's audio heard from this time on answers the caller (0: the greeting)
@@ -403,7 +429,7 @@ class _Call:
             frame, k = self.frames[self.frame_index], self.frame_index
             _caller_frame_sent(self, r.turns[-1], self.sounding[k], len(self.frames), t)
         else:
-            frame = SILENCE
+            frame = self.line_noise.frame() if self.line_noise else SILENCE
         self.chunk += 1
         self.sent.append(frame)
         return await self.send(protocol.caller_media_message(self.next_seq(), r.stream_sid, self.chunk,
@@ -501,6 +527,7 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
                    params: dict[str, str] | None = None, wait_for_greeting: bool = True,
                    wait_for_reply: bool = True, pause_ms: float = 800, barge_in_ms: float | None = None,
                    reply_timeout_s: float = 20.0, tail_ms: float = 300, timeout_s: float = 600.0,
+                   line_noise_dbfs: float | None = None,
                    from_number: str = "+15005550006", to_number: str = "+15005550001",
                    session: aiohttp.ClientSession | None = None) -> CallReport:
     """Place one simulated call and return what happened on it.
@@ -514,7 +541,8 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
     `reply_timeout_s` went by without a reply); otherwise `pause_ms` after the
     previous turn ended. `barge_in_ms` starts turns (after the first) that long
     after the reply is first heard. The call hangs up after the last reply
-    (plus `tail_ms`).
+    (plus `tail_ms`). `line_noise_dbfs` puts that much background noise on
+    the caller's line (`LineNoise`); None: digital silence between words.
     """
     caller_turns = [_caller_turn(t, i) for i, t in enumerate(turns)]
     account_sid, call_sid, stream_sid = _sid("AC"), _sid("CA"), _sid("MZ")
@@ -538,7 +566,8 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
         async with session.ws_connect(connect_url, headers=headers, autoping=True, heartbeat=None) as ws:
             call = _Call(ws, report, caller_turns, wait_for_greeting=wait_for_greeting,
                          wait_for_reply=wait_for_reply, pause_ms=pause_ms, barge_in_ms=barge_in_ms,
-                         reply_timeout_s=reply_timeout_s, tail_ms=tail_ms)
+                         reply_timeout_s=reply_timeout_s, tail_ms=tail_ms,
+                         line_noise=None if line_noise_dbfs is None else LineNoise(line_noise_dbfs, seed=int(call_sid[2:], 16)))
             try:
                 await asyncio.wait_for(call.run(), timeout_s)
             except asyncio.TimeoutError:
@@ -571,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-greeting", action="store_true", help="speak first instead of waiting for a greeting")
     ap.add_argument("--reply-timeout", type=float, default=20.0, help="seconds to wait for a reply")
     ap.add_argument("--tail-ms", type=float, default=300, help="quiet after the last reply before hanging up")
+    ap.add_argument("--line-noise-dbfs", type=float, help="background noise on the caller's line (e.g. -50)")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up on a call after this many seconds")
     ap.add_argument("--calls", type=int, default=1, help="concurrent calls")
     ap.add_argument("--out", help="write the agent's audio as heard to this WAV (call N>1: suffix _N)")
@@ -585,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                               signed_url=args.signed_url, params=dict(args.param),
                               wait_for_greeting=not args.no_greeting, wait_for_reply=not args.fixed_gaps,
                               pause_ms=args.pause_ms, barge_in_ms=args.barge_in_ms,
-                              reply_timeout_s=args.reply_timeout, tail_ms=args.tail_ms, timeout_s=args.timeout)
+                              reply_timeout_s=args.reply_timeout, tail_ms=args.tail_ms, timeout_s=args.timeout,
+                              line_noise_dbfs=args.line_noise_dbfs)
 
     async def calls() -> list[CallReport]:
         return await asyncio.gather(*(one(i) for i in range(args.calls)))

@@ -30,6 +30,8 @@ turn answered and no errors; the run stops after the first level that fails.
 On a shared machine, --wait-quiet-s waits before each level for other
 processes to calm down, and a level that fails while they used more than
 --contended-cores is run again (--retries); every attempt is kept.
+--line-noise-dbfs puts background noise on every caller's line (a real line is
+seldom digital silence: it changes how the edge batches the caller's audio).
 Everything runs on loopback. Results: <out>/edge-only-<date>.json,
 edge-only-latest.json and edge-only-latest.png.
 """
@@ -54,7 +56,7 @@ import aiohttp
 import numpy as np
 
 from edge import audio
-from edge.simulate import CallerTurn, run_call
+from edge.simulate import CallerTurn, LineNoise, run_call
 from edge.tritonserver import TritonServer, free_port
 from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta,
                          histogram_quantile, histograms, jitter_and_glitches, machine_cpu, machine_info, reply_gaps,
@@ -195,7 +197,7 @@ async def level(n: int, args, pool, edge_url: str, metrics_url: str, triton_metr
         turns, prepared = plan
         if args.simulator == "full":
             return await run_call(edge_url, turns, session=session, reply_timeout_s=args.reply_timeout,
-                                  timeout_s=args.call_timeout)
+                                  timeout_s=args.call_timeout, line_noise_dbfs=args.line_noise_dbfs)
         return await swarm.call(edge_url, turns, prepared, reply_timeout_s=args.reply_timeout,
                                 timeout_s=args.call_timeout)
 
@@ -369,23 +371,24 @@ def plot(result: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- main
 
-def recordings_8k(max_seconds: float) -> list[tuple[str, np.ndarray, Prepared]]:
+def recordings_8k(max_seconds: float, line_noise: LineNoise | None) -> list[tuple[str, np.ndarray, Prepared]]:
     pool = []
     for rec in recordings():
         samples, rate = rec.samples()
         if len(samples) / rate <= max_seconds:
             samples = audio.resample(samples, rate, audio.TWILIO_RATE)
-            pool.append((rec.name, samples, prepare(samples)))
+            pool.append((rec.name, samples, prepare(samples, line_noise)))
     return pool
 
 
 async def run(args, edge_url: str, metrics_url: str, triton_metrics_url: str, pids: CpuTracker,
               probe_log: Path) -> list[dict]:
-    pool = recordings_8k(args.max_recording_s)
+    line_noise = None if args.line_noise_dbfs is None else LineNoise(args.line_noise_dbfs)
+    pool = recordings_8k(args.max_recording_s, line_noise)
     lag = LoopLag().start()
     results = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        swarm = Swarm(session)
+        swarm = Swarm(session, line_noise)
         for n in args.levels:
             for attempt in range(1, args.retries + 2):
                 quiet = await wait_quiet(lambda: sum(Cpu(pids).cpu.values()), args.quiet_cores, args.wait_quiet_s) \
@@ -422,6 +425,8 @@ def main() -> None:
     parser.add_argument("--ramp-s", type=float, default=5.0, help="a level's calls start spread over this long")
     parser.add_argument("--barge-in", action="store_true", help="turns after the first interrupt the reply")
     parser.add_argument("--max-recording-s", type=float, default=3.5, help="replay recordings up to this long")
+    parser.add_argument("--line-noise-dbfs", type=float,
+                        help="background noise on the callers' lines, RMS dBFS (e.g. -50; default: digital silence)")
     parser.add_argument("--reply-timeout", type=float, default=10.0)
     parser.add_argument("--call-timeout", type=float, default=120.0)
     parser.add_argument("--simulator", choices=("lean", "full"), default="lean",
@@ -493,6 +498,7 @@ def main() -> None:
                   "edge_loop_lag_source": "edge /metrics edge_event_loop_lag_seconds" if exported else "none",
                   "simulator": {"lean": "perf/swarm.py", "full": "edge/simulate.py"}[args.simulator],
                   "turns_per_call": args.turns_per_call, "ramp_s": args.ramp_s, "barge_in": args.barge_in,
+                  "line_noise_dbfs": args.line_noise_dbfs,
                   "limits": {"jitter_p99_ms": JITTER_P99_MS, "loop_lag_p99_ms": LOOP_LAG_P99_MS,
                              "calls_per_core": TARGET_CALLS_PER_CORE}, "logs": str(work)},
         "levels": levels,

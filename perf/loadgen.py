@@ -15,7 +15,8 @@ For each N in --calls (and each of --rounds), N calls run concurrently, started
 then says --turns-per-call turns, each a shared recording (../shared/audio,
 resampled to 8 kHz, different per call and turn) after a pause of 0.5-1.2 s of
 quiet once the reply has played, or with --barge-in (turns after the first)
-0.6-1.2 s into the agent's reply, talking over it.
+0.6-1.2 s into the agent's reply, talking over it. --line-noise-dbfs puts
+background noise on every caller's line (under the speech and in the pauses).
 
 Per turn:
   voice-to-voice   simulator: the caller's last frame with sound -> the first
@@ -195,7 +196,7 @@ async def level(n: int, round_: int, args, pool, url: str, edge_metrics: str | N
     async def one(i: int, turns):
         await asyncio.sleep(i * STAGGER_S)
         return await run_call(url, turns, session=session, reply_timeout_s=args.reply_timeout,
-                              timeout_s=args.call_timeout)
+                              timeout_s=args.call_timeout, line_noise_dbfs=args.line_noise_dbfs)
 
     async with aiohttp.ClientSession() as session:
         reports = await asyncio.gather(*(one(i, p) for i, p in enumerate(plans)), return_exceptions=True)
@@ -437,6 +438,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run each level this many times (more turns)")
     parser.add_argument("--barge-in", action="store_true", help="turns after the first talk over the reply")
     parser.add_argument("--max-recording-s", type=float, default=5.5, help="use recordings up to this long")
+    parser.add_argument("--line-noise-dbfs", type=float,
+                        help="background noise on the callers' lines, RMS dBFS (e.g. -50; default: digital silence)")
     parser.add_argument("--llm-max-tokens", type=int, help="in-process edge only: LLM_MAX_TOKENS (default: settings)")
     parser.add_argument("--nice-triton", type=int, default=0,
                         help="run the tritonserver started here at this nice level (e.g. 10): the edge's loop "
@@ -464,7 +467,7 @@ def main() -> None:
     machine = machine_info()
     machine["other_busy_processes"] = busy_processes({os.getpid()})
     setup = {"turns_per_call": args.turns_per_call, "rounds": args.rounds, "barge_in": args.barge_in,
-             "stagger_s": STAGGER_S, "simulator": "edge/simulate.py run_call"}
+             "stagger_s": STAGGER_S, "simulator": "edge/simulate.py run_call", "line_noise_dbfs": args.line_noise_dbfs}
     if args.edge_url:
         setup.update(edge=args.edge_url, triton="external edge (its Triton)")
         metrics = args.edge_url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/", 1)[0] + "/metrics"

@@ -15,7 +15,8 @@ same turn rules (a turn starts once the reply has been heard and then
 * caller frames are base64-encoded once per recording, before the clock starts,
   and each message is a string template;
 * received messages are read with json.loads only (no validation); a frame is
-  audible when its mu-law bytes are not all zero-level codes.
+  audible when its mu-law bytes are not all zero-level codes;
+* with line noise (`LineNoise`), every call's pauses are the same noise frames.
 
 It fills the same `edge.simulate.CallReport` (frames with arrival times,
 turns with voice_to_voice_ms, clear_after_speech_ms...) through
@@ -38,8 +39,8 @@ import aiohttp
 import numpy as np
 
 from edge import audio, protocol
-from edge.simulate import (SILENCE, CallerTurn, CallReport, Frame, MarkEcho, TurnReport, _caller_frame_sent,
-                           _finish_turns)
+from edge.simulate import (SILENCE, CallerTurn, CallReport, Frame, LineNoise, MarkEcho, TurnReport,
+                           _caller_frame_sent, _finish_turns)
 
 FRAME = audio.FRAME_BYTES
 FRAME_S = audio.FRAME_MS / 1000
@@ -57,12 +58,19 @@ class Prepared:
     mulaw: bytes
 
 
-def prepare(samples: np.ndarray) -> Prepared:
+def prepare(samples: np.ndarray, line_noise: LineNoise | None = None) -> Prepared:
+    """What is speech is told from the clean recording; the frames sent carry the line's noise, if any."""
+    frames, mulaw = _frames(samples)
+    sounding = [audio.mulaw_has_sound(f) for f in frames]
+    if line_noise:
+        frames, mulaw = _frames(line_noise.under(samples))
+    return Prepared([base64.b64encode(f).decode("ascii") for f in frames], sounding, mulaw)
+
+
+def _frames(samples: np.ndarray) -> tuple[list[bytes], bytes]:
     mulaw = audio.pcm_to_mulaw(samples)
     mulaw += SILENCE[: -len(mulaw) % FRAME]
-    frames = [mulaw[i:i + FRAME] for i in range(0, len(mulaw), FRAME)]
-    return Prepared([base64.b64encode(f).decode("ascii") for f in frames],
-                    [audio.mulaw_has_sound(f) for f in frames], mulaw)
+    return [mulaw[i:i + FRAME] for i in range(0, len(mulaw), FRAME)], mulaw
 
 
 _SILENCE_B64 = base64.b64encode(SILENCE).decode("ascii")
@@ -194,7 +202,8 @@ class _Call:
             payload = cur.payloads[k]
             _caller_frame_sent(self, r.turns[-1], cur.sounding[k], len(cur.payloads), t)
         else:
-            payload = _SILENCE_B64
+            pauses = self.swarm.pauses
+            payload = pauses[self.chunk % len(pauses)]
         self.chunk += 1
         self.send(_MEDIA % (self.next_seq(), self.chunk, round(t * 1000), payload, self.sid))
         return True
@@ -218,8 +227,11 @@ class _Call:
 class Swarm:
     """The shared clock and the calls on it."""
 
-    def __init__(self, session: aiohttp.ClientSession):
+    def __init__(self, session: aiohttp.ClientSession, line_noise: LineNoise | None = None):
         self.session = session
+        # what a caller's line carries between turns: digital silence or the line's noise
+        self.pauses = [base64.b64encode(f).decode("ascii") for f in line_noise.frames] if line_noise \
+            else [_SILENCE_B64]
         self.calls: list[_Call] = []
         self.outbox: list[tuple[_Call, str]] = []
         self.tick = 0

@@ -191,29 +191,58 @@ class TestSignatures:
 # -- caller audio to asr, on its own, without the server --------------------------------------------------------
 
 class CountingAsr:
-    """Stands in for the call's asr stream: counts the requests the call sends."""
+    """Stands in for the call's asr stream: notes how much of the call's audio each request brought it to."""
 
-    def __init__(self):
-        self.requests = 0
+    def __init__(self, call: Call):
+        self.call, self.sent_until_ms = call, []
+
+    @property
+    def requests(self) -> int:
+        return len(self.sent_until_ms)
 
     def send(self, pcm16k) -> None:
-        self.requests += 1
+        self.sent_until_ms.append(self.call._received_ms)
+
+
+def listening_call() -> Call:
+    call = Call(ws=None, settings=Settings(), triton=None, phrases=None)
+    call.state, call._asr = "active", CountingAsr(call)
+    return call
+
+
+SILENT_FRAME = bytes([audio.MULAW_SILENCE]) * audio.FRAME_BYTES
 
 
 def test_caller_speech_goes_to_asr_in_larger_requests_only_while_nothing_waits_on_it():
-    call = Call(ws=None, settings=Settings(), triton=None, phrases=None)
-    call.state, call._asr = "active", CountingAsr()
+    call = listening_call()
     speech = audio.pcm_to_mulaw((np.sin(np.arange(audio.FRAME_BYTES) / 3) * 8000).astype(np.int16))
+    for _ in range(10):
+        call._hear(SILENT_FRAME)
+    assert call._asr.requests == 0  # a quiet line: held for ASR_QUIET_BATCH_MS
     call._hear(speech)
-    assert call._asr.requests == 1  # the frame that brings sound to a quiet line goes at once
+    assert call._asr.sent_until_ms == [220]  # the frame that brings sound to a quiet line goes at once, with it
     call._hear(speech)
     assert call._asr.requests == 1
     call._caller_speaking = True  # the asr's speech_start: nothing waits on their words until they pause
-    for _ in range(40):
+    for _ in range(20):
         call._hear(speech)
-    assert call._asr.requests == 1 + 800 // call.settings.asr_speech_batch_ms
+    assert call._asr.requests == 1 + 400 // call.settings.asr_speech_batch_ms
     call.playback.enqueue("Let me check.", speech * 50)  # the agent talks: their words may interrupt it
     before = call._asr.requests
-    for _ in range(40):
+    for _ in range(20):
         call._hear(speech)
-    assert call._asr.requests - before >= 800 // call.settings.asr_batch_ms - 1
+    assert call._asr.requests - before >= 400 // call.settings.asr_batch_ms - 1
+
+
+def test_the_silence_of_a_pending_endpoint_goes_to_asr_when_the_asr_can_decide_on_it():
+    """After speech_stop the asr ends the turn once it has heard `endpoint_ms` of the call: what is held goes with
+    the frame that reaches each of those times (the endpoint waits on no batch), and otherwise in quiet batches."""
+    call = listening_call()
+    call._hear(SILENT_FRAME)
+    call._on_asr({"type": "speech_stop", "audio_ms": 0, "endpoint_ms": [350, 800]})
+    for _ in range(60):
+        call._hear(SILENT_FRAME)
+    sent = call._asr.sent_until_ms
+    assert 360 in sent and 800 in sent, sent  # the first frames at or past each time
+    assert len(sent) <= 5, sent  # not one every ASR_BATCH_MS
+    assert all(b - a <= call.settings.asr_quiet_batch_ms for a, b in zip([0] + sent, sent))

@@ -9,6 +9,8 @@ from edge import audio
 from edge.audio import FRAME_BYTES
 from edge.clauses import ClauseChunker, speakable
 from edge.playback import Playback
+from edge.simulate import LineNoise
+from tests.speech import recording
 
 
 class Wire:
@@ -108,3 +110,27 @@ def test_the_mulaw_sound_check_agrees_with_the_decoded_samples():
         loud = int(np.abs(audio.mulaw_to_pcm(frame).astype(np.int32)).max()) > audio.SOUND_THRESHOLD
         assert audio.mulaw_has_sound(frame) == loud, code
     assert not audio.mulaw_has_sound(bytes([audio.MULAW_SILENCE]) * FRAME_BYTES)
+
+
+def test_the_sound_gate_tells_speech_from_the_lines_own_noise():
+    """On digital silence it is the plain sound check; on a noisy line (a frame of -45 dBFS noise is over the
+    fixed threshold) the noise is quiet and speech still starts where the clean recording's does."""
+    samples, rate = recording("vm-savefolder").samples()
+    speech = audio.resample(samples, rate, audio.TWILIO_RATE)
+    speech = np.concatenate([np.zeros(audio.TWILIO_RATE, np.int16), speech, np.zeros(audio.TWILIO_RATE, np.int16)])
+
+    def frames(samples):
+        mulaw = audio.pcm_to_mulaw(samples)
+        return [mulaw[i:i + FRAME_BYTES] for i in range(0, len(mulaw) - FRAME_BYTES + 1, FRAME_BYTES)]
+
+    clean = [audio.mulaw_has_sound(f) for f in frames(speech)]
+    gate = audio.SoundGate()
+    assert [gate(f) for f in frames(speech)] == clean
+    noise = LineNoise(-45)
+    assert all(audio.mulaw_has_sound(f) for f in noise.frames[:50])
+    gate = audio.SoundGate()
+    noisy = [gate(f) for f in frames(noise.under(speech))]
+    onset = clean.index(True)
+    assert not any(noisy[:onset]) and any(noisy[onset:onset + 2])
+    assert not any(noisy[len(noisy) - 40:])  # the noise after the words
+    assert sum(noisy) >= 0.6 * sum(clean)

@@ -187,6 +187,8 @@ class Listener:
             start = self.vad_at
             self.vad_at += WINDOW
             events += self._window(float(p), start)
+        if not events:  # audio that completes no VAD window may still reach an endpoint_ms
+            events = self._endpoint()
         if self.turn is None and not self.speaking:
             self.audio.discard_before(self.vad_at - self.run * WINDOW - self.pad)
         return events
@@ -228,7 +230,9 @@ class Listener:
     def _speech_stopped(self, silence: int) -> list[dict]:
         self.speaking, self.run = False, 0
         self.turn.speech_end = silence
-        return [{"type": "speech_stop", "audio_ms": ms(silence)}]
+        waits = (self.settings.endpoint_silence_complete_ms, self.settings.endpoint_silence_ms)
+        return [{"type": "speech_stop", "audio_ms": ms(silence),
+                 "endpoint_ms": sorted(ms(silence + samples(wait)) for wait in waits)}]
 
     # -- the endpoint -----------------------------------------------------------
     def _heard_all(self, turn: Turn) -> bool:
@@ -241,6 +245,7 @@ class Listener:
             return []
         text = turn.text()
         wait = self.settings.endpoint_silence_complete_ms if reads_complete(text) else self.settings.endpoint_silence_ms
+        # counted to the nearest ms: a client's streaming resampler may hold back a few samples of what it sent
         if not self.ending and ms(self.n - turn.speech_end) < wait:
             return []
         self.turn = None

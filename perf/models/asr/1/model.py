@@ -57,7 +57,8 @@ class Listener:
                 if self.speaking and self.quiet_ms >= self.m.min_silence_ms:
                     self.speaking = False
                     self.speech_end_ms = self.audio_ms - self.quiet_ms
-                    events.append({"type": "speech_stop", "audio_ms": round(self.speech_end_ms)})
+                    events.append({"type": "speech_stop", "audio_ms": round(self.speech_end_ms),
+                                   "endpoint_ms": [round(self.speech_end_ms + self.m.endpoint_ms)]})
                 if not self.speaking and self.turn_start_ms is not None and self.quiet_ms >= self.m.endpoint_ms:
                     events.append(self._final())
         return events
