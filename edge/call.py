@@ -42,9 +42,12 @@ log = logging.getLogger("edge.call")
 MAX_BAD_MESSAGES = 20
 OVERLAP_PAUSE_S = 0.3  # a pause this short inside the caller's speech does not end an overlap
 ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
-#: caller audio goes to asr in ASR_BATCH_MS (speech while the agent is quiet: ASR_SPEECH_BATCH_MS) this long
-#: after a frame with sound: onsets are not held back
+#: caller audio goes to asr in ASR_BATCH_MS (while the agent is quiet: ASR_SPEECH_BATCH_MS) this long after a
+#: frame with sound: onsets are not held back
 SOUND_ATTENTION_S = 0.5
+#: quiet this long in the caller's speech may be its end: the asr calls it after its min_silence_ms (96), so from
+#: here on the silence goes to it in ASR_BATCH_MS (shorter gaps between words are held with the words)
+SPEECH_GAP_MS = 60
 #: and this long after a speech_stop that does not say when the endpoint is decided (its `endpoint_ms`)
 ENDPOINT_ATTENTION_S = 2.0
 INTERRUPTED = " [interrupted]"
@@ -135,6 +138,7 @@ class Call:
         self._held: list[bytes] = []  # caller audio not yet sent to asr
         self._held_ms = 0.0
         self._sound = audio.SoundGate()
+        self._quiet_ms = 0.0  # how long the line has been quiet
         self._endpoint_marks: list[float] = []  # asr stream ms at which the asr may end the caller's turn
         self._last_activity = time.monotonic()
         self._idle_prompted = False
@@ -266,13 +270,12 @@ class Call:
         """Caller audio: remember when each millisecond arrived; decode, upsample and stream it to asr.
 
         Frames go to asr in batches (each gRPC request costs the edge and Triton alike): ASR_SPEECH_BATCH_MS
-        while the caller talks and the agent is quiet (nothing waits on their words until they pause; a quiet
-        frame sends what is held once it is ASR_BATCH_MS), ASR_BATCH_MS while sound may be the caller starting
-        to talk or interrupting the agent (sound the VAD has yet to call speech, words over the agent's),
-        ASR_QUIET_BATCH_MS on a quiet line. What is held goes at once with the frame that brings sound to a
-        quiet line, and with the frame that reaches an audio time at which the asr may end the turn (its
-        speech_stop's `endpoint_ms`): the endpoint waits on no batch. Sound is told from the line's own noise
-        (`audio.SoundGate`)."""
+        while the caller talks and the agent is quiet (nothing waits on their words until they pause), then
+        ASR_BATCH_MS once they have been quiet SPEECH_GAP_MS (the asr counts the silence that ends their speech);
+        ASR_BATCH_MS for sound over the agent's voice (words that may interrupt it); ASR_QUIET_BATCH_MS on a quiet
+        line. What is held goes at once with the frame that brings sound to a quiet line, and with the frame
+        that reaches an audio time at which the asr may end the turn (its speech_stop's `endpoint_ms`): the
+        endpoint waits on no batch. Sound is told from the line's own noise (`audio.SoundGate`)."""
         now = time.monotonic()
         frame_ms = len(mulaw) * 1000 / audio.TWILIO_RATE
         self._received_ms += frame_ms
@@ -290,12 +293,15 @@ class Call:
             self._endpoint_marks = [mark for mark in self._endpoint_marks if mark > stream_ms]
         if sound:
             self._attentive_until = max(self._attentive_until, now + SOUND_ATTENTION_S)
-        if sound and self._caller_speaking and not self._agent_busy():
-            batch = self.settings.asr_speech_batch_ms
-        elif now < self._attentive_until:
+            self._quiet_ms = 0.0
+        else:
+            self._quiet_ms += frame_ms
+        if now >= self._attentive_until:
+            batch = self.settings.asr_quiet_batch_ms
+        elif self._agent_busy() or (self._caller_speaking and self._quiet_ms >= SPEECH_GAP_MS):
             batch = self.settings.asr_batch_ms
         else:
-            batch = self.settings.asr_quiet_batch_ms
+            batch = self.settings.asr_speech_batch_ms
         if onset or endpoint or self._held_ms >= batch:
             self._send_held()
 

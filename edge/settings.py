@@ -87,11 +87,11 @@ class Settings(BaseSettings):
     asr_speech_batch_ms: int = Field(
         200, ge=20, le=1000, description="Caller audio goes to asr in requests of this many ms while the caller "
                                          "talks and the agent is quiet: nothing waits on their words until they "
-                                         "pause (their first quiet frame sends it), and each request costs the edge "
-                                         "and Triton a gRPC write.")
+                                         "pause (from 60 ms of quiet on it goes in ASR_BATCH_MS), and each request "
+                                         "costs the edge and Triton a gRPC write.")
     asr_batch_ms: int = Field(
-        40, ge=20, le=200, description="The same while sound may be the caller starting to talk or interrupting the "
-                                       "agent (sound the asr has yet to call speech, words over the agent's); the "
+        40, ge=20, le=200, description="The same for sound over the agent's voice (words that may interrupt it) and "
+                                       "for the silence at the end of the caller's speech (the asr counts it); the "
                                        "frame that brings sound to a quiet line goes at once.")
     asr_quiet_batch_ms: int = Field(
         1000, ge=20, le=2000, description="The same on a quiet line (line noise is quiet). A turn's endpoint waits on "

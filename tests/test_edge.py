@@ -227,6 +227,12 @@ def test_caller_speech_goes_to_asr_in_larger_requests_only_while_nothing_waits_o
     for _ in range(20):
         call._hear(speech)
     assert call._asr.requests == 1 + 400 // call.settings.asr_speech_batch_ms
+    before = call._asr.requests
+    call._hear(SILENT_FRAME)
+    call._hear(SILENT_FRAME)
+    assert call._asr.requests == before  # a gap between words goes with the words
+    call._hear(SILENT_FRAME)
+    assert call._asr.requests == before + 1  # 60 ms of quiet may be their end: the asr counts it from here on
     call.playback.enqueue("Let me check.", speech * 50)  # the agent talks: their words may interrupt it
     before = call._asr.requests
     for _ in range(20):
