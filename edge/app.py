@@ -54,7 +54,7 @@ async def media(request: web.Request) -> web.StreamResponse:
     if not signature.validate_websocket(settings, request.headers.get(signature.SIGNATURE_HEADER)):
         log.warning("refused /media upgrade: bad or missing X-Twilio-Signature")
         raise web.HTTPForbidden(text="invalid Twilio signature")
-    ws = web.WebSocketResponse(max_msg_size=256 * 1024)
+    ws = web.WebSocketResponse(max_msg_size=256 * 1024, decode_text=False)  # bytes: pydantic parses JSON bytes
     await ws.prepare(request)
     call = Call(ws, settings, request.app[TRITON], request.app[PHRASES])
     request.app[CALLS].add(call)
