@@ -567,7 +567,8 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
             call = _Call(ws, report, caller_turns, wait_for_greeting=wait_for_greeting,
                          wait_for_reply=wait_for_reply, pause_ms=pause_ms, barge_in_ms=barge_in_ms,
                          reply_timeout_s=reply_timeout_s, tail_ms=tail_ms,
-                         line_noise=None if line_noise_dbfs is None else LineNoise(line_noise_dbfs, seed=int(call_sid[2:], 16)))
+                         line_noise=None if line_noise_dbfs is None
+                         else LineNoise(line_noise_dbfs, seed=int(call_sid[2:], 16)))
             try:
                 await asyncio.wait_for(call.run(), timeout_s)
             except asyncio.TimeoutError:

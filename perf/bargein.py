@@ -1,6 +1,6 @@
 """Barge-in: how fast the agent stops when the caller talks over it, and how often it stops for nothing.
 
-    python -m perf.bargein [--runs 3] [--out perf/results] [--set SETTING=VALUE ...]
+    python -m perf.bargein [--runs 3] [--out perf/results] [--set SETTING=VALUE ...] [--line-noise-dbfs DB]
                            [--triton-url host:port --metrics-url URL]
 
 Without --triton-url it starts its own tritonserver (CPU profile, model_repository/, free ports); the real
@@ -108,7 +108,7 @@ def history_free():
         Call._context = context
 
 
-async def speech_call(url: str, metrics_url: str, log: EdgeLog, run: int) -> list[dict]:
+async def speech_call(url: str, metrics_url: str, log: EdgeLog, run: int, line_noise_dbfs: float | None) -> list[dict]:
     """One call: a question, then every interruption talking over the reply to the one before."""
     names = [INTERRUPTIONS[(run + i) % len(INTERRUPTIONS)] for i in range(len(INTERRUPTIONS))]
     delays = [600 + (run * 7 + i * 3) % 8 * 200 for i in range(len(names))]  # 0.6-2.0 s, varied per run
@@ -116,7 +116,8 @@ async def speech_call(url: str, metrics_url: str, log: EdgeLog, run: int) -> lis
     cancels = await CancelWatch(metrics_url).start_now()
     try:
         with history_free():
-            report = await run_call(url, turns, hangup_after_reply_ms=600, **NO_GREETING)
+            report = await run_call(url, turns, hangup_after_reply_ms=600, line_noise_dbfs=line_noise_dbfs,
+                                    **NO_GREETING)
     finally:
         await cancels.stop()
     barge_ins = log.of(report.call_sid, "barge_in")
@@ -159,13 +160,15 @@ async def speech_call(url: str, metrics_url: str, log: EdgeLog, run: int) -> lis
     return samples
 
 
-async def overlap_call(url: str, log: EdgeLog, run: int, sounds: dict[str, object]) -> list[dict]:
+async def overlap_call(url: str, log: EdgeLog, run: int, sounds: dict[str, object],
+                       line_noise_dbfs: float | None) -> list[dict]:
     """One call: a question, then each sound said 0.8 s into the reply; none of them should stop it."""
     names = list(sounds)
     names = names[run % len(names):] + names[:run % len(names)]
     turns = [caller(QUESTION)] + [CallerTurn(sounds[n], name=n, barge_in_ms=800) for n in names]
     with history_free():
-        report = await run_call(url, turns, hangup_after_reply_ms=1000, **NO_GREETING)
+        report = await run_call(url, turns, hangup_after_reply_ms=1000, line_noise_dbfs=line_noise_dbfs,
+                                **NO_GREETING)
     out = []
     for turn, next_start in zip(report.turns[1:], [t.started_at for t in report.turns[2:]] + [report.duration]):
         start, end = turn.started_at, min((turn.ended_at or turn.started_at) + LATE_CLEAR_S, next_start)
@@ -248,7 +251,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-async def run(triton_url: str, metrics_url: str, runs: int, overrides: dict[str, str]) -> dict:
+async def run(triton_url: str, metrics_url: str, runs: int, overrides: dict[str, str],
+              line_noise_dbfs: float | None) -> dict:
     log = EdgeLog()
     edge_logger = logging.getLogger("edge.call")
     edge_logger.setLevel(logging.DEBUG)
@@ -262,8 +266,8 @@ async def run(triton_url: str, metrics_url: str, runs: int, overrides: dict[str,
         speech, overlaps = [], []
         for i in range(runs):
             t = time.perf_counter()
-            speech += await speech_call(url, metrics_url, log, i)
-            overlaps += await overlap_call(url, log, i, sounds)
+            speech += await speech_call(url, metrics_url, log, i, line_noise_dbfs)
+            overlaps += await overlap_call(url, log, i, sounds, line_noise_dbfs)
             print(f"run {i + 1}/{runs} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     finally:
         await runner.cleanup()
@@ -284,6 +288,8 @@ def main() -> None:
     parser.add_argument("--metrics-url", help="that server's /metrics URL (with --triton-url)")
     parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
                         help="an edge setting to try, e.g. --set barge_in_wait_words_ms=150 (repeatable)")
+    parser.add_argument("--line-noise-dbfs", type=float,
+                        help="background noise on the caller's line, RMS dBFS (e.g. -50; default: digital silence)")
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.set)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -293,7 +299,7 @@ def main() -> None:
         if not args.metrics_url:
             parser.error("--triton-url needs --metrics-url")
         server_info = {"url": args.triton_url, "started_here": False}
-        result = asyncio.run(run(args.triton_url, args.metrics_url, args.runs, overrides))
+        result = asyncio.run(run(args.triton_url, args.metrics_url, args.runs, overrides, args.line_noise_dbfs))
     else:
         from edge.tritonserver import TritonServer
 
@@ -303,11 +309,12 @@ def main() -> None:
         server.start(timeout=900)
         try:
             server_info = {"url": server.grpc_url, "started_here": True, "profile": "cpu", "log": str(log)}
-            result = asyncio.run(run(server.grpc_url, server.metrics_url, args.runs, overrides))
+            result = asyncio.run(run(server.grpc_url, server.metrics_url, args.runs, overrides, args.line_noise_dbfs))
         finally:
             server.stop()
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {"command": command_line(), "machine": machine, "server": server_info,
+              "line_noise_dbfs": args.line_noise_dbfs,
               "wall_s": round(time.perf_counter() - started, 1), **result}
     save_results(result, args.out, "bargein", table)
 
