@@ -98,16 +98,17 @@ class SoundGate:
     SOUND_THRESHOLD, and a fixed threshold would call every frame of it sound. A frame is sound when its peak
     passes SOUND_THRESHOLD and the line's noise floor by `margin_codes` (24: ~9 dB); the floor is the quietest
     frame's peak in the last `window_s` (minimum statistics: speech comes in bursts with quieter frames
-    between them, noise is always there). On digital silence it is `mulaw_has_sound`. It runs on every frame,
-    so a frame is one or two C passes over its bytes; its exact peak is taken only when it is the quietest
-    of its block so far."""
+    between them, noise is always there). On digital silence it is `mulaw_has_sound`, and so it is for a
+    call's first `window_s` + a block, until it has heard the line: a caller who talks at once is never taken
+    for noise. It runs on every frame, so a frame is one or two C passes over its bytes; its exact peak is
+    taken only when it is the quietest of its block so far."""
 
     def __init__(self, margin_codes: int = 24, window_s: float = 1.5, blocks: int = 3):
         self.margin = margin_codes
         self._block_frames = max(1, round(window_s * 1000 / FRAME_MS / blocks))
         self._minima: collections.deque[int] = collections.deque(maxlen=blocks)  # of the last whole blocks
         self._window_min = 127
-        self._block_min, self._in_block = 127, 0
+        self._block_min, self._in_block = 0, 0  # as if the line had been digital silence
 
     def __call__(self, frame: bytes) -> bool:
         if self._block_min and b"\x01" not in frame.translate(_ABOVE[self._block_min - 1]):

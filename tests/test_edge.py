@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge import audio, protocol
-from edge.app import CALLS
+from edge.app import CALLS, SETTINGS
 from edge.call import Call
 from edge.settings import Settings
 from edge.signature import sign, sign_websocket
@@ -75,11 +75,13 @@ async def test_a_call_is_greeted_and_each_turn_answered_with_paced_marked_audio(
     before = await ascrape(triton.metrics_url)
     report = await run_call(edge.ws_url, [caller(QUESTION), caller(STATEMENT)], pause_ms=1000)
     assert not report.errors, report.errors
-    # caller audio reached the asr in batches of 40 to 400 ms (ASR_*BATCH_MS), not a request per frame
+    # caller audio reached the asr in batches (ASR_*BATCH_MS), not a request per frame
     asr_requests = (await ascrape(triton.metrics_url)).value("voice_requests_total", model="asr") \
         - before.value("voice_requests_total", model="asr")
-    frames_sent = len(report.caller) / audio.FRAME_BYTES
-    assert frames_sent / 20 < asr_requests < frames_sent / 2, (asr_requests, frames_sent)
+    call_ms = len(report.caller) / audio.FRAME_BYTES * audio.FRAME_MS
+    settings = edge.app[SETTINGS]
+    assert call_ms / settings.asr_quiet_batch_ms < asr_requests < call_ms / settings.asr_batch_ms, \
+        (asr_requests, call_ms)
     assert report.greeting_first_frame_at is not None
     for turn in report.turns:
         assert turn.reply_first_frame_at is not None, f"turn {turn.index} got no reply"
