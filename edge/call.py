@@ -49,7 +49,8 @@ SOUND_ATTENTION_S = 0.5
 #: quiet this long in the caller's speech may be its end: the asr calls it after its min_silence_ms (96), so from
 #: here on the silence goes to it in ASR_BATCH_MS (shorter gaps between words are held with the words)
 SPEECH_GAP_MS = 60
-#: and this long after a speech_stop that does not say when the endpoint is decided (its `endpoint_ms`)
+#: caller audio goes to asr in ASR_BATCH_MS this long after a speech_stop that does not say when the asr may end
+#: the turn (no `endpoint_ms`): the endpoint waits on no batch
 ENDPOINT_ATTENTION_S = 2.0
 INTERRUPTED = " [interrupted]"
 HUM = re.compile(r"[mhn]+")
