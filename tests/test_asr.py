@@ -291,6 +291,23 @@ def test_endpoint_is_shorter_after_a_finished_sentence(text, wait_ms):
     assert partials[0]["audio_ms"] - final["speech_start_ms"] < 300 + 40, "the first partial must come early"
 
 
+def test_speech_stop_says_when_the_turn_can_end_and_audio_up_to_then_ends_it():
+    """The contract a batching client relies on: the silence held back and sent when the call's audio reaches
+    speech_stop's first `endpoint_ms` brings the final with that request, even a request that completes no VAD
+    window and falls a few samples short (a streaming resampler holds some back)."""
+    ears = listener.Listener(listener.Settings(endpoint_silence_ms=800, endpoint_silence_complete_ms=350),
+                             LoudnessVad())
+    speech = np.concatenate([np.zeros(8000), np.full(24000, 0.5), np.zeros(3200)]).astype(np.float32)
+    events = listen(ears, speech, lambda job: "I need a taxi to the airport.")
+    stop = next(e for e in events if e["type"] == "speech_stop")
+    assert stop["endpoint_ms"] == [stop["audio_ms"] + 350, stop["audio_ms"] + 800]
+    assert not [e for e in events if e["type"] == "final"]
+    short = listener.samples(stop["endpoint_ms"][0]) - ears.n - 4
+    assert not [e for e in ears.feed(np.zeros(short - 300, np.float32)) if e["type"] == "final"]
+    final = [e for e in ears.feed(np.zeros(300, np.float32)) if e["type"] == "final"]
+    assert final and final[0]["text"] == "I need a taxi to the airport."
+
+
 def test_noise_turn_gets_no_final():
     ears = listener.Listener(listener.Settings(), LoudnessVad())
     burst = np.concatenate([np.full(4000, 0.5), np.zeros(32000)]).astype(np.float32)
