@@ -5,10 +5,11 @@
 
 Like Twilio it (optionally) fetches the TwiML from the signed webhook, opens the
 signed WebSocket, sends `connected` and `start`, then one 20 ms `media` frame
-of caller audio every 20 ms on an absolute clock (speech or line silence,
-never a gap), and plays the agent's audio back in real time: a playback buffer
-drained at 8000 samples/s, each `mark` echoed once the audio queued before it
-has played, `clear` dropping the buffer and echoing pending marks at once.
+of caller audio every 20 ms on an absolute clock (speech or line silence, with
+--line-noise-dbfs background noise under both; never a gap), and plays the
+agent's audio back in real time: a playback buffer drained at 8000 samples/s,
+each `mark` echoed once the audio queued before it has played, `clear`
+dropping the buffer and echoing pending marks at once.
 The caller speaks its turns after the agent's reply has finished (plus a pause),
 after fixed gaps, or N ms into the reply (barge-in). Everything is timed on one
 clock: seconds since the `start` message. `run_call()` is the API the tests
