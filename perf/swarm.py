@@ -40,7 +40,7 @@ import numpy as np
 
 from edge import audio, protocol
 from edge.simulate import (SILENCE, CallerTurn, CallReport, Frame, LineNoise, MarkEcho, TurnReport,
-                           _caller_frame_sent, _finish_turns)
+                           _caller_frame_sent, _finish_turns, _frames)
 
 FRAME = audio.FRAME_BYTES
 FRAME_S = audio.FRAME_MS / 1000
@@ -55,22 +55,14 @@ class Prepared:
     """A caller turn as ready-to-send base64 frames and which of them carry sound."""
     payloads: list[str]
     sounding: list[bool]
-    mulaw: bytes
 
 
 def prepare(samples: np.ndarray, line_noise: LineNoise | None = None) -> Prepared:
     """What is speech is told from the clean recording; the frames sent carry the line's noise, if any."""
-    frames, mulaw = _frames(samples)
-    sounding = [audio.mulaw_has_sound(f) for f in frames]
+    frames, sounding = _frames(samples)
     if line_noise:
-        frames, mulaw = _frames(line_noise.under(samples))
-    return Prepared([base64.b64encode(f).decode("ascii") for f in frames], sounding, mulaw)
-
-
-def _frames(samples: np.ndarray) -> tuple[list[bytes], bytes]:
-    mulaw = audio.pcm_to_mulaw(samples)
-    mulaw += SILENCE[: -len(mulaw) % FRAME]
-    return [mulaw[i:i + FRAME] for i in range(0, len(mulaw), FRAME)], mulaw
+        frames = _frames(line_noise.under(samples))[0]
+    return Prepared([base64.b64encode(f).decode("ascii") for f in frames], sounding)
 
 
 _SILENCE_B64 = base64.b64encode(SILENCE).decode("ascii")
