@@ -52,6 +52,13 @@ SPEECH_GAP_MS = 60
 #: caller audio goes to asr in ASR_BATCH_MS this long after a speech_stop that does not say when the asr may end
 #: the turn (no `endpoint_ms`): the endpoint waits on no batch
 ENDPOINT_ATTENTION_S = 2.0
+#: no caller audio for this long: what is missing is taken as silence, so the asr still hears their turn end
+#: (Twilio sends a frame every 20 ms all call long, but discards audio when the socket lags; a test caller may send
+#: nothing between its turns). Longer than a TCP retransmission stall, shorter than the asr's shortest endpoint
+#: silence (350 ms)
+LINE_STALL_MS = 300
+WATCH_S = 0.1  # how often a call looks for a stalled line and an idle caller
+SILENT_FRAME = bytes([audio.MULAW_SILENCE]) * audio.FRAME_BYTES
 INTERRUPTED = " [interrupted]"
 HUM = re.compile(r"[mhn]+")
 SURE_WORD_LETTERS = 3  # a partial's last word this long is taken at once; shorter ones wait for the next partial
@@ -133,6 +140,8 @@ class Call:
         self._audio_ms: list[float] = []  # caller audio received so far, ms at the end of each media message
         self._arrivals: list[float] = []  # and when each arrived
         self._received_ms = 0.0
+        self._line_heard_until: float | None = None  # monotonic time the caller's audio so far reaches
+        self._line_stalled = False  # the caller's audio stopped coming: silence stands in for it
         self._asr_base_ms = 0.0  # call audio before the current asr stream began
         self._caller_speaking = False
         self._speech_stop_ms: float | None = None
@@ -199,6 +208,7 @@ class Call:
             return True
         if isinstance(event, protocol.Media):
             if event.media.track == "inbound":
+                self._line_heard_until, self._line_stalled = time.monotonic(), False
                 self._hear(event.media.payload)
         elif isinstance(event, protocol.Mark):
             self.playback.marked(event.mark.name)
@@ -216,7 +226,7 @@ class Call:
         self._spawn(self.playback.run(), "playback")
         self._asr = self.triton.asr(f"{self.call_sid}:1")  # before any media arrives: none is lost
         self._listener = self._spawn(self._listen(), "asr")
-        self._spawn(self._watch_idle(), "idle")
+        self._spawn(self._watch(), "watch")
         greeting = self.parameters.get("greeting", self.settings.greeting)  # a <Parameter> may silence it
         if greeting:
             self._say_cached(greeting)
@@ -307,6 +317,25 @@ class Call:
             batch = self.settings.asr_speech_batch_ms
         if onset or endpoint or self._held_ms >= batch:
             self._send_held()
+
+    def _fill_stalled_line(self) -> None:
+        """No caller audio for LINE_STALL_MS: hear the time since the last frame as silence, and go on doing so
+        until the caller's audio comes again. (Timed from the last frame, not from the first: a sender whose
+        clock runs a little slow is not stalled.)"""
+        if self._line_heard_until is None:
+            return
+        missing_ms = (time.monotonic() - self._line_heard_until) * 1000
+        if missing_ms < (audio.FRAME_MS if self._line_stalled else LINE_STALL_MS):
+            return
+        frames = int(missing_ms // audio.FRAME_MS)
+        self._line_heard_until += frames * audio.FRAME_MS / 1000
+        if not self._line_stalled:
+            self._line_stalled = True
+            log.info(json.dumps({"event": "line_stalled", "call": self.call_sid, "audio_ms": round(self._received_ms),
+                                 "missing_ms": frames * audio.FRAME_MS}))
+        telemetry.LINE_FILLED_SECONDS.inc(frames * audio.FRAME_MS / 1000)
+        for _ in range(frames):
+            self._hear(SILENT_FRAME)
 
     def _send_held(self) -> None:
         held, self._held, self._held_ms = self._held, [], 0.0
@@ -723,10 +752,12 @@ class Call:
             self.history.append({"role": "assistant", "content": text})
 
     # -- silence ---------------------------------------------------------------------
-    async def _watch_idle(self) -> None:
-        """Caller silent too long: prompt once; still silent: say goodbye and hang up."""
+    async def _watch(self) -> None:
+        """A stalled line is heard as silence. Caller silent too long: prompt once; still silent: say goodbye and
+        hang up."""
         while self.state == "active":
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(WATCH_S)
+            self._fill_stalled_line()
             if self._agent_busy() or self._caller_speaking:
                 self._last_activity = time.monotonic()
                 continue

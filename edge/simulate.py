@@ -6,7 +6,8 @@
 Like Twilio it (optionally) fetches the TwiML from the signed webhook, opens the
 signed WebSocket, sends `connected` and `start`, then one 20 ms `media` frame
 of caller audio every 20 ms on an absolute clock (speech or line silence, with
---line-noise-dbfs background noise under both; never a gap), and plays the
+--line-noise-dbfs background noise under both; never a gap, unless --speech-only
+makes it a test caller that sends nothing between its turns), and plays the
 agent's audio back in real time: a playback buffer drained at 8000 samples/s,
 each `mark` echoed once the audio queued before it has played, `clear`
 dropping the buffer and echoing pending marks at once.
@@ -134,7 +135,8 @@ class CallReport:
     closed_by: str = "caller"
     max_tick_lag_ms: float = 0.0  # the simulator's own lateness: large values make its timings unreliable
     heard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # the agent as heard, 8 kHz
-    caller: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # what the caller sent, 8 kHz
+    caller: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # the caller's line, 8 kHz (what
+    # it sent, and silence where it sent nothing)
 
     def loud_ticks(self) -> np.ndarray:
         """One flag per 20 ms tick of the call: the agent's voice was playing to the caller."""
@@ -281,9 +283,10 @@ class _Playback:
 class _Call:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, report: CallReport, turns: list[CallerTurn], *,
                  wait_for_greeting: bool, wait_for_reply: bool, pause_ms: float, barge_in_ms: float | None,
-                 reply_timeout_s: float, tail_ms: float, line_noise: LineNoise | None = None):
+                 reply_timeout_s: float, tail_ms: float, line_noise: LineNoise | None = None,
+                 speech_only: bool = False):
         self.ws, self.report, self.turns = ws, report, turns
-        self.line_noise = line_noise
+        self.line_noise, self.speech_only = line_noise, speech_only
         self.wait_for_greeting, self.wait_for_reply = wait_for_greeting, wait_for_reply
         self.pause_ms, self.barge_in_ms = pause_ms, barge_in_ms
         self.reply_timeout_s, self.tail_ms = reply_timeout_s, tail_ms
@@ -431,6 +434,9 @@ class _Call:
             _caller_frame_sent(self, r.turns[-1], self.sounding[k], len(self.frames), t)
         else:
             frame = self.line_noise.frame() if self.line_noise else SILENCE
+            if self.speech_only:
+                self.sent.append(SILENCE)
+                return True
         self.chunk += 1
         self.sent.append(frame)
         return await self.send(protocol.caller_media_message(self.next_seq(), r.stream_sid, self.chunk,
@@ -528,7 +534,7 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
                    params: dict[str, str] | None = None, wait_for_greeting: bool = True,
                    wait_for_reply: bool = True, pause_ms: float = 800, barge_in_ms: float | None = None,
                    reply_timeout_s: float = 20.0, tail_ms: float = 300, timeout_s: float = 600.0,
-                   line_noise_dbfs: float | None = None,
+                   line_noise_dbfs: float | None = None, speech_only: bool = False,
                    from_number: str = "+15005550006", to_number: str = "+15005550001",
                    session: aiohttp.ClientSession | None = None) -> CallReport:
     """Place one simulated call and return what happened on it.
@@ -544,6 +550,8 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
     after the reply is first heard. The call hangs up after the last reply
     (plus `tail_ms`). `line_noise_dbfs` puts that much background noise on
     the caller's line (`LineNoise`); None: digital silence between words.
+    `speech_only`: between its turns the caller sends nothing, not silence (Twilio never stops sending; a test
+    caller that streams only its recordings does).
     """
     caller_turns = [_caller_turn(t, i) for i, t in enumerate(turns)]
     account_sid, call_sid, stream_sid = _sid("AC"), _sid("CA"), _sid("MZ")
@@ -569,7 +577,7 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
                          wait_for_reply=wait_for_reply, pause_ms=pause_ms, barge_in_ms=barge_in_ms,
                          reply_timeout_s=reply_timeout_s, tail_ms=tail_ms,
                          line_noise=None if line_noise_dbfs is None
-                         else LineNoise(line_noise_dbfs, seed=int(call_sid[2:], 16)))
+                         else LineNoise(line_noise_dbfs, seed=int(call_sid[2:], 16)), speech_only=speech_only)
             try:
                 await asyncio.wait_for(call.run(), timeout_s)
             except asyncio.TimeoutError:
@@ -603,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reply-timeout", type=float, default=20.0, help="seconds to wait for a reply")
     ap.add_argument("--tail-ms", type=float, default=300, help="quiet after the last reply before hanging up")
     ap.add_argument("--line-noise-dbfs", type=float, help="background noise on the caller's line (e.g. -50)")
+    ap.add_argument("--speech-only", action="store_true",
+                    help="send nothing between turns (a test caller), not Twilio's continuous frames")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up on a call after this many seconds")
     ap.add_argument("--calls", type=int, default=1, help="concurrent calls")
     ap.add_argument("--out", help="write the agent's audio as heard to this WAV (call N>1: suffix _N)")
@@ -618,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                               wait_for_greeting=not args.no_greeting, wait_for_reply=not args.fixed_gaps,
                               pause_ms=args.pause_ms, barge_in_ms=args.barge_in_ms,
                               reply_timeout_s=args.reply_timeout, tail_ms=args.tail_ms, timeout_s=args.timeout,
-                              line_noise_dbfs=args.line_noise_dbfs)
+                              line_noise_dbfs=args.line_noise_dbfs, speech_only=args.speech_only)
 
     async def calls() -> list[CallReport]:
         return await asyncio.gather(*(one(i) for i in range(args.calls)))

@@ -31,6 +31,8 @@ CALLS_ACTIVE = Gauge("edge_calls_active", "Calls connected now")
 CALLS_TOTAL = Counter("edge_calls_total", "Calls accepted")
 CALL_ERRORS = Counter("edge_call_errors_total", "Calls ended by an error", ["kind"])
 MESSAGES_DROPPED = Counter("edge_messages_dropped_total", "Twilio messages dropped as malformed")
+LINE_FILLED_SECONDS = Counter("edge_line_filled_seconds_total",
+                              "Caller audio that never came (a stalled line), taken as silence")
 BARGE_INS = Counter("edge_barge_ins_total", "Interruptions by the caller", ["outcome"])
 SPECULATIONS = Counter("edge_speculative_replies_total", "Replies started at a pause, before the final transcript",
                        ["outcome"])

@@ -12,7 +12,7 @@ import pytest
 
 from edge import audio, protocol
 from edge.app import CALLS, SETTINGS
-from edge.call import Call
+from edge.call import LINE_STALL_MS, SILENT_FRAME, Call
 from edge.settings import Settings
 from edge.signature import sign, sign_websocket
 from edge.simulate import run_call
@@ -119,6 +119,27 @@ async def test_two_simultaneous_calls_hear_only_their_own_replies(edge, triton, 
     assert wer(said_b, heard_b) < wer(said_a, heard_b), (said_a, said_b, heard_b)
 
 
+def without_trailing_silence(samples: np.ndarray) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > 300)
+    return samples[:loud[-1] + audio.TWILIO_RATE // 10]  # 100 ms past the last sound: no endpoint in it
+
+
+async def test_a_caller_that_sends_nothing_between_its_turns_is_still_answered(edge, caplog):
+    """Twilio sends a frame every 20 ms all call long; a test caller may stop sending when it stops talking.
+    The edge hears the missing audio as silence, so the asr still ends the turn."""
+    caplog.set_level(logging.INFO, logger="edge")
+    turns = [without_trailing_silence(caller(rec)) for rec in (QUESTION, STATEMENT)]
+    report = await run_call(edge.ws_url, turns, speech_only=True, wait_for_greeting=False,
+                            params={"greeting": ""}, pause_ms=500)
+    assert not report.errors, report.errors
+    for turn in report.turns:
+        assert turn.reply_first_frame_at is not None, f"turn {turn.index} got no reply"
+    logs = turn_logs(caplog, report.call_sid)
+    assert aggregate_wer([(QUESTION.transcript, logs[0]["heard"]), (STATEMENT.transcript, logs[1]["heard"])]) < 0.5
+    stalls = [r for r in caplog.records if "line_stalled" in r.getMessage() and report.call_sid in r.getMessage()]
+    assert len(stalls) >= 2, stalls  # each turn's end, at least
+
+
 @pytest.fixture
 async def storyteller(triton):
     """Long replies: the llm is still writing when the first frame goes out (a short reply can be written and
@@ -212,9 +233,6 @@ def listening_call() -> Call:
     return call
 
 
-SILENT_FRAME = bytes([audio.MULAW_SILENCE]) * audio.FRAME_BYTES
-
-
 def test_caller_speech_goes_to_asr_in_larger_requests_only_while_nothing_waits_on_it():
     call = listening_call()
     speech = audio.pcm_to_mulaw((np.sin(np.arange(audio.FRAME_BYTES) / 3) * 8000).astype(np.int16))
@@ -254,3 +272,22 @@ def test_the_silence_of_a_pending_endpoint_goes_to_asr_when_the_asr_can_decide_o
     assert 360 in sent and 800 in sent, sent  # the first frames at or past each time
     assert len(sent) <= 5, sent  # not one every ASR_BATCH_MS
     assert all(b - a <= call.settings.asr_quiet_batch_ms for a, b in zip([0] + sent, sent))
+
+
+def test_a_stalled_line_is_heard_as_silence_until_the_callers_audio_comes_again():
+    call = listening_call()
+    frame = protocol.parse_message(protocol.caller_media_message(2, "MZ" + "0" * 32, 1, 0, SILENT_FRAME))
+    call._handle(frame)
+    call._line_heard_until -= (LINE_STALL_MS - 50) / 1000  # a short stall: the next frame is only late
+    call._fill_stalled_line()
+    assert call._received_ms == 20
+    call._line_heard_until -= 0.1  # no audio for LINE_STALL_MS + 50 ms: all of it is heard as silence
+    call._fill_stalled_line()
+    assert call._received_ms == 20 + (LINE_STALL_MS + 40)
+    call._line_heard_until -= 0.05  # still stalled: what is missing goes on being filled, frame by frame
+    call._fill_stalled_line()
+    assert call._received_ms == 20 + (LINE_STALL_MS + 40) + 60
+    call._handle(frame)  # the caller's audio again: a stall is once more LINE_STALL_MS without it
+    call._line_heard_until -= 0.1
+    call._fill_stalled_line()
+    assert call._received_ms == 20 + (LINE_STALL_MS + 40) + 60 + 20
