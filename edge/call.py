@@ -24,6 +24,7 @@ import difflib
 import json
 import logging
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -123,7 +124,7 @@ class Call:
     def __init__(self, ws: web.WebSocketResponse, settings: Settings, triton: Triton, phrases: "Phrases"):
         self.ws, self.settings, self.triton, self.phrases = ws, settings, triton, phrases
         self.state = "connecting"  # -> active -> stopping -> closed
-        self.stream_sid = self.call_sid = "?"
+        self.stream_sid = self.call_sid = self._asr_id = "?"
         self.parameters: dict[str, str] = {}
         self.history: list[dict] = []
         self.playback = Playback(self._send_media, self._send_mark, settings.outbound_lead_ms)
@@ -217,14 +218,17 @@ class Call:
         return True
 
     def _start(self, event) -> None:
-        self.stream_sid, self.call_sid = event.start.stream_sid, event.start.call_sid
+        self.stream_sid = event.start.stream_sid
+        self.call_sid = event.start.call_sid or self.stream_sid
+        # the asr's sequence id is this connection's own: a caller that reuses sids must not end another call's
+        self._asr_id = f"{self.call_sid}:{secrets.token_hex(4)}"
         self.parameters = dict(event.start.custom_parameters)
         self.state = "active"
         telemetry.CALLS_TOTAL.inc()
         log.info(json.dumps({"event": "call_started", "call": self.call_sid, "stream": self.stream_sid,
                              "parameters": self.parameters}))
         self._spawn(self.playback.run(), "playback")
-        self._asr = self.triton.asr(f"{self.call_sid}:1")  # before any media arrives: none is lost
+        self._asr = self.triton.asr(f"{self._asr_id}:1")  # before any media arrives: none is lost
         self._listener = self._spawn(self._listen(), "asr")
         self._spawn(self._watch(), "watch")
         greeting = self.parameters.get("greeting", self.settings.greeting)  # a <Parameter> may silence it
@@ -354,7 +358,7 @@ class Call:
             attempt += 1
             if self._asr is None:  # a new stream counts its audio from 0: remember where the call was
                 self._asr_base_ms = self._received_ms
-                self._asr = self.triton.asr(f"{self.call_sid}:{attempt}")
+                self._asr = self.triton.asr(f"{self._asr_id}:{attempt}")
             try:
                 async for event in self._asr.events():
                     failures = 0

@@ -3,8 +3,12 @@
 The wire format is Twilio's (https://www.twilio.com/docs/voice/media-streams/websocket-messages):
 JSON text frames with an `event` discriminator, camelCase keys, and counters
 (`sequenceNumber`, `chunk`, `timestamp`) sent as strings. Models expose
-snake_case attributes; fields Twilio may add later are ignored, fields we use
-are validated. `media.payload` arrives already base64-decoded to mu-law bytes.
+snake_case attributes. What the edge acts on is validated and required (the
+event, the payload, the start's stream sid, a mark's name, a digit); what it
+does not (the counters, the sids Twilio repeats on every message, the stop's
+sids) is validated when present but may be absent, so a caller that leaves it
+out loses no audio; fields Twilio may add later are ignored. `media.payload`
+arrives already base64-decoded to mu-law bytes.
 
 Inbound (Twilio -> edge): `connected`, `start`, `media`, `mark`, `dtmf`, `stop`,
 parsed by `parse_message`. Outbound (edge -> Twilio): `media`, `mark`, `clear`,
@@ -37,7 +41,9 @@ class ProtocolError(ValueError):
 MulawPayload = Annotated[bytes, Field(min_length=1, max_length=MAX_PAYLOAD_BYTES)]
 Sid = Annotated[str, Field(min_length=2, max_length=64)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
-Counter = Annotated[int, Field(ge=0)]
+#: what the edge does not act on: validated when present, None when absent
+Counter = Annotated[int | None, Field(default=None, ge=0)]
+OptionalSid = Annotated[Sid | None, Field(default=None)]
 
 
 class _Model(BaseModel):
@@ -62,24 +68,25 @@ class MediaFormat(_Model):
 
 
 class StartInfo(_Model):
-    account_sid: Sid
+    account_sid: OptionalSid
     stream_sid: Sid
-    call_sid: Sid
+    call_sid: OptionalSid
     tracks: list[Literal["inbound", "outbound"]] = ["inbound"]
     custom_parameters: dict[str, str] = {}
-    media_format: MediaFormat
+    media_format: MediaFormat = MediaFormat(encoding=MULAW_ENCODING, sample_rate=SAMPLE_RATE, channels=1)
 
 
 class Start(_Model):
-    """Once, right after `connected`: the stream's identity, the `<Parameter>`s of the TwiML and the audio format."""
+    """Once, right after `connected`: the stream's identity, the `<Parameter>`s of the TwiML and the audio format
+    (absent: Twilio's only one)."""
     event: Literal["start"]
     sequence_number: Counter
     start: StartInfo
-    stream_sid: Sid
+    stream_sid: OptionalSid
 
 
 class MediaInfo(_Model):
-    track: Literal["inbound", "outbound"]
+    track: Literal["inbound", "outbound"] = "inbound"
     chunk: Counter
     timestamp: Counter  # milliseconds since the stream started
     payload: MulawPayload
@@ -90,7 +97,7 @@ class Media(_Model):
     event: Literal["media"]
     sequence_number: Counter
     media: MediaInfo
-    stream_sid: Sid
+    stream_sid: OptionalSid
 
 
 class MarkInfo(_Model):
@@ -101,7 +108,7 @@ class Mark(_Model):
     """Echo of a mark we sent: the audio sent before it has played, or a `clear` dropped it."""
     event: Literal["mark"]
     sequence_number: Counter
-    stream_sid: Sid
+    stream_sid: OptionalSid
     mark: MarkInfo
 
 
@@ -114,21 +121,21 @@ class Dtmf(_Model):
     """A key the caller pressed (bidirectional streams only)."""
     event: Literal["dtmf"]
     sequence_number: Counter
-    stream_sid: Sid
+    stream_sid: OptionalSid
     dtmf: DtmfInfo
 
 
 class StopInfo(_Model):
-    account_sid: Sid
-    call_sid: Sid
+    account_sid: OptionalSid
+    call_sid: OptionalSid
 
 
 class Stop(_Model):
     """The stream ended (the caller hung up, or the call left `<Connect><Stream>`)."""
     event: Literal["stop"]
     sequence_number: Counter
-    stream_sid: Sid
-    stop: StopInfo
+    stream_sid: OptionalSid
+    stop: StopInfo = StopInfo()
 
 
 Message = Annotated[Union[Connected, Start, Media, Mark, Dtmf, Stop], Field(discriminator="event")]

@@ -535,6 +535,7 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
                    wait_for_reply: bool = True, pause_ms: float = 800, barge_in_ms: float | None = None,
                    reply_timeout_s: float = 20.0, tail_ms: float = 300, timeout_s: float = 600.0,
                    line_noise_dbfs: float | None = None, speech_only: bool = False,
+                   call_sid: str | None = None, stream_sid: str | None = None,
                    from_number: str = "+15005550006", to_number: str = "+15005550001",
                    session: aiohttp.ClientSession | None = None) -> CallReport:
     """Place one simulated call and return what happened on it.
@@ -551,10 +552,11 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
     (plus `tail_ms`). `line_noise_dbfs` puts that much background noise on
     the caller's line (`LineNoise`); None: digital silence between words.
     `speech_only`: between its turns the caller sends nothing, not silence (Twilio never stops sending; a test
-    caller that streams only its recordings does).
+    caller that streams only its recordings does). `call_sid` and `stream_sid` replace the fresh random ones
+    (Twilio never reuses them; a test caller may).
     """
     caller_turns = [_caller_turn(t, i) for i, t in enumerate(turns)]
-    account_sid, call_sid, stream_sid = _sid("AC"), _sid("CA"), _sid("MZ")
+    account_sid, call_sid, stream_sid = _sid("AC"), call_sid or _sid("CA"), stream_sid or _sid("MZ")
     own_session = session is None
     session = session or aiohttp.ClientSession()
     try:

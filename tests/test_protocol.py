@@ -98,6 +98,19 @@ def test_fields_twilio_may_add_are_ignored_and_counters_may_be_numbers():
     assert isinstance(parse_message(json.dumps(start)), protocol.Start)
 
 
+def test_what_the_edge_does_not_act_on_may_be_absent():
+    """Counters, repeated sids and the stop's sids: a caller that leaves them out loses nothing."""
+    media = parse_message(json.dumps({"event": "media", "media": {"payload": FRAME_B64}}))
+    assert media.media.payload == bytes(range(160)) and media.media.track == "inbound"
+    assert (media.sequence_number, media.media.chunk, media.media.timestamp, media.stream_sid) == (None,) * 4
+    start = parse_message(json.dumps({"event": "start", "start": {"streamSid": STREAM}}))
+    assert start.start.stream_sid == STREAM and start.start.call_sid is None
+    assert start.start.media_format.encoding == "audio/x-mulaw" and start.start.media_format.sample_rate == 8000
+    assert parse_message('{"event": "mark", "mark": {"name": "m1"}}').mark.name == "m1"
+    assert parse_message('{"event": "dtmf", "dtmf": {"digit": "5"}}').dtmf.digit == "5"
+    assert isinstance(parse_message('{"event": "stop"}'), protocol.Stop)
+
+
 @pytest.mark.parametrize("text, says", [
     ("{", "not valid JSON"),
     ("[1, 2]", "not a JSON object"),
@@ -108,11 +121,12 @@ def test_fields_twilio_may_add_are_ignored_and_counters_may_be_numbers():
     (doc_media(payload=base64.b64encode(bytes(8001)).decode()), "media.payload: Data should have at most 8000 bytes"),
     (doc_media(track="sideways"), "media.track"),
     (doc_media(chunk="one"), "media.chunk"),
-    ('{"event": "media", "sequenceNumber": "3", "media": {"track": "inbound", "chunk": "1", "timestamp": "5",'
-     f' "payload": "{FRAME_B64}"}}}}', "streamSid"),
+    ('{"event": "media", "sequenceNumber": "3", "media": {"track": "inbound"}, "streamSid": "MZ1"}', "media.payload"),
+    (doc_media().replace('"sequenceNumber": "3"', '"sequenceNumber": "-3"'), "sequenceNumber"),
+    ('{"event": "start", "start": {"callSid": "CA1"}}', "start.streamSid"),
     ('{"event": "dtmf", "streamSid": "MZ1", "sequenceNumber": "5", "dtmf": {"digit": "12"}}', "dtmf.digit"),
     ('{"event": "mark", "sequenceNumber": "4", "streamSid": "MZ1", "mark": {}}', "mark.name"),
-    ('{"event": "stop", "sequenceNumber": "5", "streamSid": "MZ1"}', "stop"),
+    ('{"event": "stop", "sequenceNumber": "5", "streamSid": "M"}', "streamSid"),
 ])
 def test_malformed_messages_raise_a_protocol_error_that_says_why(text, says):
     with pytest.raises(ProtocolError, match=says.replace("(", r"\(")):
