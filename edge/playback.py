@@ -19,7 +19,11 @@ from typing import Awaitable, Callable
 
 from edge.audio import FRAME_BYTES, FRAME_MS, MULAW_SILENCE
 
+#: how long after its mark was sent a chunk whose echo has not come is still taken as playing: long once
+#: the peer has echoed a mark (Twilio does; a missing echo is a late one), short before (a test caller
+#: that never echoes must not leave the agent "speaking", and talking over nothing, for seconds)
 MARK_GRACE_S = 2.0
+FIRST_ECHO_GRACE_S = 0.5
 #: a frame due this soon goes now: uvloop's timers count whole milliseconds, so a shorter sleep wakes at once
 #: and the pacer would spin (8 wake-ups a frame instead of 1, measured)
 TIMER_SLACK_S = 0.001
@@ -131,7 +135,7 @@ class Playback:
     def _expire(self) -> None:
         """Take as played a chunk whose mark Twilio should long have echoed (a peer that never echoes
         marks must not leave the call 'speaking' forever)."""
-        late = time.monotonic() - self.lead - MARK_GRACE_S
+        late = time.monotonic() - self.lead - (FIRST_ECHO_GRACE_S if self.last_echo is None else MARK_GRACE_S)
         while self._chunks and self._chunks[0].mark_sent is not None and self._chunks[0].mark_sent < late:
             self._chunks[0].played = True
             self._recent.append(self._chunks.pop(0))

@@ -9,8 +9,9 @@ of caller audio every 20 ms on an absolute clock (speech or line silence, with
 --line-noise-dbfs background noise under both; never a gap, unless --speech-only
 makes it a test caller that sends nothing between its turns), and plays the
 agent's audio back in real time: a playback buffer drained at 8000 samples/s,
-each `mark` echoed once the audio queued before it has played, `clear`
-dropping the buffer and echoing pending marks at once.
+each `mark` echoed once the audio queued before it has played (never, with
+--no-mark-echo, as a test caller may), `clear` dropping the buffer and echoing
+pending marks at once.
 The caller speaks its turns after the agent's reply has finished (plus a pause),
 after fixed gaps, or N ms into the reply (barge-in). Everything is timed on one
 clock: seconds since the `start` message. `run_call()` is the API the tests
@@ -284,9 +285,9 @@ class _Call:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, report: CallReport, turns: list[CallerTurn], *,
                  wait_for_greeting: bool, wait_for_reply: bool, pause_ms: float, barge_in_ms: float | None,
                  reply_timeout_s: float, tail_ms: float, line_noise: LineNoise | None = None,
-                 speech_only: bool = False):
+                 speech_only: bool = False, echo_marks: bool = True):
         self.ws, self.report, self.turns = ws, report, turns
-        self.line_noise, self.speech_only = line_noise, speech_only
+        self.line_noise, self.speech_only, self.echo_marks = line_noise, speech_only, echo_marks
         self.wait_for_greeting, self.wait_for_reply = wait_for_greeting, wait_for_reply
         self.pause_ms, self.barge_in_ms = pause_ms, barge_in_ms
         self.reply_timeout_s, self.tail_ms = reply_timeout_s, tail_ms
@@ -384,6 +385,8 @@ class _Call:
             self.report.closed_by = "edge"
 
     async def echo(self, name: str, played: bool) -> None:
+        if not self.echo_marks:
+            return
         self.report.marks_echoed.append(MarkEcho(self.now(), name, played))
         await self.send(protocol.mark_echo_message(self.next_seq(), self.report.stream_sid, name))
 
@@ -535,7 +538,7 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
                    wait_for_reply: bool = True, pause_ms: float = 800, barge_in_ms: float | None = None,
                    reply_timeout_s: float = 20.0, tail_ms: float = 300, timeout_s: float = 600.0,
                    line_noise_dbfs: float | None = None, speech_only: bool = False,
-                   call_sid: str | None = None, stream_sid: str | None = None,
+                   echo_marks: bool = True, call_sid: str | None = None, stream_sid: str | None = None,
                    from_number: str = "+15005550006", to_number: str = "+15005550001",
                    session: aiohttp.ClientSession | None = None) -> CallReport:
     """Place one simulated call and return what happened on it.
@@ -552,7 +555,8 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
     (plus `tail_ms`). `line_noise_dbfs` puts that much background noise on
     the caller's line (`LineNoise`); None: digital silence between words.
     `speech_only`: between its turns the caller sends nothing, not silence (Twilio never stops sending; a test
-    caller that streams only its recordings does). `call_sid` and `stream_sid` replace the fresh random ones
+    caller that streams only its recordings does). `echo_marks=False`: a test caller that never echoes the
+    edge's marks (Twilio always does). `call_sid` and `stream_sid` replace the fresh random ones
     (Twilio never reuses them; a test caller may).
     """
     caller_turns = [_caller_turn(t, i) for i, t in enumerate(turns)]
@@ -579,7 +583,8 @@ async def run_call(url: str | None, turns: Sequence[TurnLike], *, auth_token: st
                          wait_for_reply=wait_for_reply, pause_ms=pause_ms, barge_in_ms=barge_in_ms,
                          reply_timeout_s=reply_timeout_s, tail_ms=tail_ms,
                          line_noise=None if line_noise_dbfs is None
-                         else LineNoise(line_noise_dbfs, seed=int(call_sid[2:], 16)), speech_only=speech_only)
+                         else LineNoise(line_noise_dbfs, seed=int(call_sid[2:], 16)), speech_only=speech_only,
+                         echo_marks=echo_marks)
             try:
                 await asyncio.wait_for(call.run(), timeout_s)
             except asyncio.TimeoutError:
@@ -615,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--line-noise-dbfs", type=float, help="background noise on the caller's line (e.g. -50)")
     ap.add_argument("--speech-only", action="store_true",
                     help="send nothing between turns (a test caller), not Twilio's continuous frames")
+    ap.add_argument("--no-mark-echo", action="store_true", help="never echo marks (a test caller), unlike Twilio")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up on a call after this many seconds")
     ap.add_argument("--calls", type=int, default=1, help="concurrent calls")
     ap.add_argument("--out", help="write the agent's audio as heard to this WAV (call N>1: suffix _N)")
@@ -630,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
                               wait_for_greeting=not args.no_greeting, wait_for_reply=not args.fixed_gaps,
                               pause_ms=args.pause_ms, barge_in_ms=args.barge_in_ms,
                               reply_timeout_s=args.reply_timeout, tail_ms=args.tail_ms, timeout_s=args.timeout,
-                              line_noise_dbfs=args.line_noise_dbfs, speech_only=args.speech_only)
+                              line_noise_dbfs=args.line_noise_dbfs, speech_only=args.speech_only,
+                              echo_marks=not args.no_mark_echo)
 
     async def calls() -> list[CallReport]:
         return await asyncio.gather(*(one(i) for i in range(args.calls)))

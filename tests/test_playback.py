@@ -8,7 +8,7 @@ import numpy as np
 from edge import audio
 from edge.audio import FRAME_BYTES
 from edge.clauses import ClauseChunker, speakable
-from edge.playback import Playback
+from edge.playback import FIRST_ECHO_GRACE_S, Playback
 from edge.simulate import LineNoise
 from tests.speech import recording
 
@@ -135,3 +135,24 @@ def test_the_sound_gate_tells_speech_from_the_lines_own_noise():
     assert all(noisy[:90]) and not any(noisy[110:onset]) and any(noisy[onset:onset + 2])
     assert not any(noisy[len(noisy) - 40:])  # the noise after the words
     assert sum(noisy) >= 0.6 * sum(clean)
+
+
+async def test_a_peer_that_never_echoes_marks_is_heard_once_the_audio_has_had_time_to_play():
+    wire = Wire()
+    playback = Playback(wire.media, wire.mark, lead_ms=0)
+    pacer = asyncio.create_task(playback.run())
+    playback.enqueue("A short clause.", b"\xff" * 1600)  # 0.2 s
+    while "m1" not in wire.marks:
+        await asyncio.sleep(0.01)
+    assert playback.speaking  # no echo yet: still playing, for FIRST_ECHO_GRACE_S
+    await asyncio.sleep(FIRST_ECHO_GRACE_S + 0.05)
+    assert not playback.speaking and playback.heard().text == ""  # taken as played, none of it cut
+    # a peer that has echoed a mark gets the long grace: a missing echo is a late one
+    playback.enqueue("Another clause.", b"\xff" * 1600)
+    playback.enqueue("And a third.", b"\xff" * 1600)
+    while "m3" not in wire.marks:
+        await asyncio.sleep(0.01)
+    playback.marked("m2")
+    await asyncio.sleep(FIRST_ECHO_GRACE_S + 0.05)
+    pacer.cancel()
+    assert playback.speaking and playback.heard().cut.text == "And a third."
