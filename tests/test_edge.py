@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 
@@ -12,7 +13,7 @@ import pytest
 
 from edge import audio, protocol
 from edge.app import CALLS, SETTINGS
-from edge.call import LINE_STALL_MS, SILENT_FRAME, Call
+from edge.call import LINE_STALL_MS, MAX_BAD_MESSAGES, SILENT_FRAME, Call
 from edge.settings import Settings
 from edge.signature import sign, sign_websocket
 from edge.simulate import run_call
@@ -122,6 +123,46 @@ async def test_two_simultaneous_calls_hear_only_their_own_replies_even_with_the_
     # each socket carried the reply written for its own caller, not the other's
     assert wer(said_a, heard_a) < wer(said_b, heard_a), (said_a, said_b, heard_a)
     assert wer(said_b, heard_b) < wer(said_a, heard_b), (said_a, said_b, heard_b)
+
+
+async def test_malformed_messages_are_dropped_and_too_many_end_only_their_own_call(edge):
+    """Bad input loses nothing: each bad message is logged and dropped, the call goes on; past
+    MAX_BAD_MESSAGES that call (only) is ended, while another call is answered as usual."""
+    frame = base64.b64encode(bytes(160)).decode()
+    bad = ["{", "[1, 2]", '{"event": "hello"}', '{"event": "media", "media": {"payload": "not base64!"}}',
+           b"\x00\x01", protocol.start_message(2, "AC" + "0" * 32, "MZ" + "0" * 32, "CA" + "0" * 32),
+           '{"event": "media", "media": {"payload": "%s"}}' % ("A" * protocol.MAX_MESSAGE_CHARS)]
+
+    async def junk_call(session: aiohttp.ClientSession, n_bad: int) -> bool:
+        """A call that sends `n_bad` bad messages among good ones; True when the edge ended it."""
+        sid = f"{np.random.randint(1 << 60):032x}"
+        async with session.ws_connect(edge.ws_url) as ws:
+            await ws.send_str(protocol.connected_message())
+            await ws.send_str(protocol.start_message(1, "AC" + sid, "MZ" + sid, "CA" + sid, {"greeting": ""}))
+            for i in range(n_bad):
+                message = bad[i % len(bad)]
+                await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_str(message))
+                await ws.send_str(f'{{"event": "media", "media": {{"payload": "{frame}"}}}}')
+            try:
+                while (await asyncio.wait_for(ws.receive(), 2.0)).type not in (aiohttp.WSMsgType.CLOSE,
+                                                                                aiohttp.WSMsgType.CLOSED):
+                    pass
+                return True
+            except asyncio.TimeoutError:
+                return False  # still open: the call went on
+
+    before = await ascrape(edge.http_url + "/metrics")
+    async with aiohttp.ClientSession() as session:
+        ended_many, ended_few, report = await asyncio.gather(
+            junk_call(session, MAX_BAD_MESSAGES + 1), junk_call(session, MAX_BAD_MESSAGES),
+            run_call(edge.ws_url, [caller(QUESTION)], params={"greeting": ""}, session=session))
+    assert ended_many and not ended_few
+    assert not report.errors and report.turns[0].reply_first_frame_at is not None
+    after = await ascrape(edge.http_url + "/metrics")
+    assert after.value("edge_messages_dropped_total") - before.value("edge_messages_dropped_total") \
+        == 2 * MAX_BAD_MESSAGES + 1
+    assert after.value("edge_call_errors_total", kind="protocol") \
+        - before.value("edge_call_errors_total", kind="protocol") == 1
 
 
 def without_trailing_silence(samples: np.ndarray) -> np.ndarray:
