@@ -33,7 +33,7 @@ import numpy as np
 from aiohttp import web
 
 from edge import audio, protocol, telemetry
-from edge.clauses import ClauseChunker
+from edge.clauses import ClauseChunker, ends_sentence
 from edge.playback import Playback
 from edge.settings import Settings
 from edge.triton import ModelError, Triton
@@ -662,6 +662,11 @@ class Call:
             finally:
                 await deltas.aclose()
             for clause in chunker.flush():
+                if deltas.finish_reason == "length" and turn.clauses and ends_sentence(turn.clauses[-1]):
+                    # LLM_MAX_TOKENS cut this sentence short: the reply ends on the last whole one instead
+                    log.info(json.dumps({"event": "reply_cut", "call": self.call_sid, "turn": turn.number,
+                                         "unsaid": clause[:300]}))
+                    break
                 await self._clause(turn, clauses, clause)
             return
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s")
+_ENDS_SENTENCE = re.compile(r"[.!?…]+[\"')\]]*$")
 _CLAUSE_END = re.compile(r"[,;:—–]\s")
 _LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
 _MARKUP = re.compile(r"[*_#`~<>|\[\]{}\\/]+")
@@ -20,6 +21,11 @@ def speakable(text: str) -> str:
     text = _MARKUP.sub(" ", _LINK.sub(r"\1", text))
     text = "".join(ch for ch in text if ch.isprintable() and not 0x1F000 <= ord(ch) <= 0x1FAFF)
     return " ".join(text.split())
+
+
+def ends_sentence(clause: str) -> bool:
+    """True when a clause closes its sentence (what the speaker may stop after without breaking off)."""
+    return bool(_ENDS_SENTENCE.search(clause))
 
 
 class ClauseChunker:

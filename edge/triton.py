@@ -121,18 +121,14 @@ class Triton:
             if not done:
                 responses.cancel()  # we left early: Triton cancels the request and the model stops
 
-    async def llm(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.7,
-                  stop: list[str] | None = None, request_id: str = "") -> AsyncIterator[str]:
-        """Text deltas of the reply, as the engine produces them."""
+    def llm(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.7,
+            stop: list[str] | None = None, request_id: str = "") -> "LlmReply":
+        """The reply's text deltas, as the engine produces them (`LlmReply`)."""
         inputs = {"MESSAGES": _texts([json.dumps(messages)]), "MAX_TOKENS": np.array([max_tokens], np.int32),
                   "TEMPERATURE": np.array([temperature], np.float32)}
         if stop:
             inputs["STOP"] = _texts(stop)
-        async with aclosing(self._stream(request("llm", inputs, request_id))) as results:
-            async for result in results:
-                delta = _text(result, "TEXT")
-                if delta:
-                    yield delta
+        return LlmReply(self._stream(request("llm", inputs, request_id)))
 
     async def tts(self, text: str, rate: float = 1.0, voice: str | None = None,
                   request_id: str = "") -> AsyncIterator[tuple[np.ndarray, int]]:
@@ -150,6 +146,28 @@ class Triton:
 
     def asr(self, call_id: str) -> "AsrStream":
         return AsrStream(self.stub, call_id)
+
+
+class LlmReply:
+    """An llm reply: an async iterator of its text deltas; `finish_reason` is "stop" or "length" once the
+    last came. Close it (`aclose`, `aclosing`, or let the task be cancelled) to cancel the request."""
+
+    def __init__(self, results: AsyncIterator[InferResult]):
+        self._results = results
+        self.finish_reason = ""
+
+    def __aiter__(self) -> "LlmReply":
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            result = await anext(self._results)
+            self.finish_reason = _text(result, "FINISH_REASON") or self.finish_reason
+            if delta := _text(result, "TEXT"):
+                return delta
+
+    async def aclose(self) -> None:
+        await self._results.aclose()
 
 
 class AsrStream:

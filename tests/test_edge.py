@@ -10,14 +10,16 @@ import logging
 import aiohttp
 import numpy as np
 import pytest
+from tritonclient.grpc import InferResult, service_pb2
+from tritonclient.utils import serialize_byte_tensor
 
-from edge import audio, protocol
+from edge import audio, protocol, telemetry
 from edge.app import CALLS, SETTINGS
-from edge.call import LINE_STALL_MS, MAX_BAD_MESSAGES, SILENT_FRAME, Call
+from edge.call import LINE_STALL_MS, MAX_BAD_MESSAGES, SILENT_FRAME, Call, Turn
 from edge.settings import Settings
 from edge.signature import sign, sign_websocket
 from edge.simulate import run_call
-from edge.triton import Triton
+from edge.triton import LlmReply, Triton
 from tests.barge import storyteller_edge
 from tests.metrics import ascrape
 from tests.speech import recording, wer, word_errors, words
@@ -337,3 +339,40 @@ def test_a_stalled_line_is_heard_as_silence_until_the_callers_audio_comes_again(
     call._line_heard_until -= 0.1
     call._fill_stalled_line()
     assert call._received_ms == 20 + (LINE_STALL_MS + 40) + 60 + 20
+
+
+# -- the reply's text, on its own, without the server -------------------------------------------------------------
+
+def llm_response(text: str, finish_reason: str = "") -> InferResult:
+    """A response of the llm as the contract writes it: TEXT and FINISH_REASON, one BYTES element each."""
+    response = service_pb2.ModelInferResponse(model_name="llm")
+    for name, value in (("TEXT", text), ("FINISH_REASON", finish_reason)):
+        response.outputs.add(name=name, datatype="BYTES", shape=[1])
+        response.raw_output_contents.append(serialize_byte_tensor(np.array([value.encode()], np.object_)).item())
+    return InferResult(response)
+
+
+class ScriptedLlm:
+    """Stands in for Triton: the llm writes one reply, in these deltas, and ends it for `finish_reason`."""
+
+    def __init__(self, deltas: list[str], finish_reason: str):
+        self.deltas, self.finish_reason = deltas, finish_reason
+
+    def llm(self, messages, *args, **kwargs) -> LlmReply:
+        async def results():
+            for delta in self.deltas:
+                yield llm_response(delta)
+            yield llm_response("", self.finish_reason)
+        return LlmReply(results())
+
+
+@pytest.mark.parametrize("finish_reason, said", [
+    ("length", ["Sure, I can help."]),  # LLM_MAX_TOKENS cut the second sentence: it is not spoken
+    ("stop", ["Sure, I can help.", "The first step is to open the box"]),  # the reply's own end is
+])
+async def test_a_reply_cut_by_the_token_limit_ends_on_its_last_whole_sentence(finish_reason, said):
+    llm = ScriptedLlm(["Sure, I can ", "help. The first ", "step is to open ", "the box"], finish_reason)
+    call = Call(ws=None, settings=Settings(), triton=llm, phrases=None)
+    turn = Turn(1, "How do I start?", telemetry.TurnTimes())
+    await call._generate(turn, asyncio.Queue())
+    assert turn.clauses == said
