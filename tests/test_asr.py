@@ -308,6 +308,25 @@ def test_speech_stop_says_when_the_turn_can_end_and_audio_up_to_then_ends_it():
     assert final and final[0]["text"] == "I need a taxi to the airport."
 
 
+def test_a_transcriber_behind_the_audio_never_runs_two_turns_together():
+    """Turns are decided in the call's audio time: when the whole call arrives before any transcript is done (a
+    sender faster than real time, a transcriber far behind), each turn still ends where its silence says."""
+    ears = listener.Listener(listener.Settings(endpoint_silence_ms=800, endpoint_silence_complete_ms=350),
+                             LoudnessVad())
+    turn = np.concatenate([np.full(24000, 0.5), np.zeros(32000)]).astype(np.float32)  # 1.5 s of speech, 2 s quiet
+    events = []
+    for frame in frames(np.concatenate([np.zeros(8000, np.float32), turn, turn])):
+        events += ears.feed(frame)
+    events += ears.finish()
+    while (job := ears.next_job()) is not None:
+        events += ears.done(job, f"Turn {job.turn} is done.")
+    finals = [e for e in events if e["type"] == "final"]
+    assert [f["text"] for f in finals] == ["Turn 1 is done.", "Turn 2 is done."]
+    assert [(f["speech_start_ms"], f["speech_end_ms"]) for f in finals] == [(480, 2016), (4000, 5504)]
+    assert 350 <= finals[0]["audio_ms"] - finals[0]["speech_end_ms"] < 350 + 32
+    assert ears.idle and ears.audio_ms == 7500
+
+
 def test_noise_turn_gets_no_final():
     ears = listener.Listener(listener.Settings(), LoudnessVad())
     burst = np.concatenate([np.full(4000, 0.5), np.zeros(32000)]).astype(np.float32)

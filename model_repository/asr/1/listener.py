@@ -17,7 +17,11 @@ reads in one place:
   reads as a finished sentence, `endpoint_silence_ms` otherwise;
 * a long turn is committed at a pause once its untranscribed part reaches
   `commit_after_s`: later jobs transcribe only the audio after it, with the
-  committed text as Whisper's prompt, so no job grows with the turn.
+  committed text as Whisper's prompt, so no job grows with the turn;
+* decisions are taken in the call's audio time, never in the transcriber's:
+  audio that comes while the turn's end waits on its transcript waits too
+  (`waiting`), so a sender faster than real time, or a transcriber behind,
+  never lets the next turn's speech run into this one.
 
 `feed()` takes audio and returns events; `next_job()` hands out the one
 transcription this call should run now (at most one at a time);
@@ -153,6 +157,7 @@ class Listener:
     turn: Turn | None = None
     job: Job | None = None  # the transcription running now
     ending: bool = False  # the call ended: close the turn as soon as its transcript is in
+    waiting: list[np.ndarray] = field(default_factory=list)  # audio received past a decision that awaits a job
 
     def __post_init__(self):
         s = self.settings
@@ -161,6 +166,9 @@ class Listener:
         self.hangover_windows = max(1, -(-samples(s.min_silence_ms) // WINDOW))
         self.hangover = self.hangover_windows * WINDOW
         self.pad = samples(s.speech_pad_ms)
+        # a speech_stop found in a slice this long is never more than one endpoint back: no slice runs past
+        # the decision point it makes
+        self.slice = max(WINDOW, samples(s.endpoint_silence_complete_ms) - self.hangover)
         self.n = 0  # samples received
         self.vad_at = 0  # start of the next VAD window
         self.speaking = False
@@ -175,20 +183,45 @@ class Listener:
 
     @property
     def idle(self) -> bool:
-        """Nothing left to say: no turn open and no transcription running."""
-        return self.turn is None and self.job is None
+        """Nothing left to say: no turn open, no transcription running and no audio waiting."""
+        return self.turn is None and self.job is None and not self.waiting
 
     # -- audio in -------------------------------------------------------------
     def feed(self, pcm: np.ndarray) -> list[dict]:
+        """Listen to the next audio of the call, up to a point where the endpoint needs the transcript that
+        is still being made (`_decision_point`); what comes after it waits for `done()`."""
+        if self.waiting:
+            self.waiting.append(pcm)
+            return []
+        events = []
+        while len(pcm):
+            point = self._decision_point()
+            if point is not None and point <= self.n:
+                self.waiting.append(pcm)
+                break
+            size = min(len(pcm), self.slice if point is None else min(self.slice, point - self.n))
+            events += self._listen(pcm[:size])
+            pcm = pcm[size:]
+        return events
+
+    def _decision_point(self) -> int | None:
+        """Where the turn may end (its shorter endpoint, which needs the text) while its transcript is not in."""
+        turn = self.turn
+        if turn is None or self.speaking or turn.speech_end is None or self._heard_all(turn):
+            return None
+        return turn.speech_end + samples(self.settings.endpoint_silence_complete_ms)
+
+    def _listen(self, pcm: np.ndarray) -> list[dict]:
+        """VAD and turn logic, window by window: a decision is taken at the end of the window that brings it."""
         self.audio.append(pcm)
-        self.n += len(pcm)
+        end = self.n + len(pcm)
         events = []
         for p in self.vad(pcm):
             start = self.vad_at
-            self.vad_at += WINDOW
+            self.vad_at = self.n = start + WINDOW
             events += self._window(float(p), start)
-        if not events:  # audio that completes no VAD window may still reach an endpoint_ms
-            events = self._endpoint()
+        self.n = end
+        events += self._endpoint()  # audio that completes no VAD window may still reach an endpoint_ms
         if self.turn is None and not self.speaking:
             self.audio.discard_before(self.vad_at - self.run * WINDOW - self.pad)
         return events
@@ -256,8 +289,11 @@ class Listener:
                  "speech_end_ms": ms(turn.speech_end), "audio_ms": ms(self.n)}]
 
     def finish(self) -> list[dict]:
-        """The call ended: a speech_stop if the caller was still speaking; the final follows once transcribed."""
+        """The call ended: a speech_stop if the caller was still speaking; the final follows once transcribed.
+        (With audio waiting, `done()` finishes once it has been listened to.)"""
         self.ending = True
+        if self.waiting:
+            return []
         events = self._speech_stopped(self.n) if self.speaking else []
         return events + self._endpoint()
 
@@ -292,6 +328,16 @@ class Listener:
         return min(late)[1] + WINDOW if late else self.n
 
     def done(self, job: Job, text: str) -> list[dict]:
+        """The result of `job`: events, and those of the audio that waited on it."""
+        events = self._done(job, text)
+        if self.waiting and self._decision_point() is None:
+            waited, self.waiting = np.concatenate(self.waiting), []
+            events += self.feed(waited)
+            if self.ending:
+                events += self.finish()
+        return events
+
+    def _done(self, job: Job, text: str) -> list[dict]:
         self.job = None
         turn = self.turn
         if turn is None or job.turn != turn.number or job.start != turn.committed_until:
