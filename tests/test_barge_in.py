@@ -203,7 +203,9 @@ async def test_a_false_interruption_stops_the_agent_then_it_says_the_cut_clause_
     clear = report.clears[0]
     record, = watch.call.barge_ins
     asr = transcripts(caplog, report.call_sid)
-    assert record["why"] == "duration", (record, asr)
+    # the run lasts past the words' wait ("duration"); a partial may mishear its first word cut short
+    # ("Okay, old.", 1 run in ~20): a barge-in on "words" that no final confirms, resumed all the same
+    assert record["why"] in ("duration", "words"), (record, asr)
     resumed = edge_log(caplog, report.call_sid, "resume")
     assert len(resumed) == 1, "the agent did not resume"
     # the resumed turn says the cut clause again, from its start, then the rest of the reply
