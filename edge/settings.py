@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     greeting: str = Field("Hi, thanks for calling! How can I help you today?",
                           description="Spoken when the call connects; empty to wait for the caller to speak first.")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System message for the llm.")
-    llm_max_tokens: int = Field(120, ge=1, le=1024, description="Longest reply, in tokens; a sentence it cuts short is not spoken.")
+    llm_max_tokens: int = Field(120, ge=1, le=1024,
+                                description="Longest reply, in tokens; a sentence it cuts short is not spoken.")
     llm_temperature: float = Field(0.6, ge=0.0, le=2.0, description="Sampling temperature of the llm.")
     history_max_tokens: int = Field(
         1500, ge=64, description="Conversation history kept for the llm, estimated in tokens (~4 characters each); "
