@@ -169,7 +169,7 @@ class Listener:
         # a speech_stop found in a slice this long is never more than one endpoint back: no slice runs past
         # the decision point it makes
         self.slice = max(WINDOW, samples(s.endpoint_silence_complete_ms) - self.hangover)
-        self.n = 0  # samples received
+        self.n = 0  # samples listened to: received, less those `waiting`
         self.vad_at = 0  # start of the next VAD window
         self.speaking = False
         self.run = 0  # consecutive windows against the current state (speech while silent, or silence)
