@@ -219,3 +219,24 @@ def test_gemma3_270m_can_serve():
     log.info("gemma3-270m: %r", text)
     assert text.strip()
     assert pieces[-1][1] in ("stop", "length")
+
+
+def test_a_conversation_restored_from_the_prompt_cache_is_sampled_afresh():
+    """llama-cpp-python restores the sampler's seed with a cached prompt: without a seed per request, every
+    reply to a conversation that comes back from the cache is the same one, whatever the temperature."""
+    engine = load_engine(gguf="smollm2", n_ctx=1024, instances=1, prompt_cache_mb=64)
+    call = [SYSTEM, {"role": "user", "content": "Tell me something about your clinic."}]
+    other = [{"role": "system", "content": "You take pizza orders."}, {"role": "user", "content": "One pizza."}]
+
+    def reply(messages):
+        return "".join(delta for delta, _ in engine.generate(messages, 24, 1.0, []))
+
+    try:
+        replies = []
+        for _ in range(4):
+            replies.append(reply(call))
+            reply(other)  # another call takes the context: the next reply to `call` comes from the cache
+    finally:
+        engine.shutdown()
+    log.info("replies: %s", replies)
+    assert len(set(replies[1:])) == 3

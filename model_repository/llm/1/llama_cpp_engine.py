@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -102,8 +103,11 @@ class LlamaCppEngine:
         instance = self._acquire(messages)
         reply, chunks = [], None
         try:
+            # a seed of its own: without one, a prompt restored from the cache restores the seed saved with it,
+            # and every reply after that restore samples the same way (the same words at any temperature)
             chunks = instance.llama.create_chat_completion(messages, stream=True, max_tokens=max_tokens,
-                                                           temperature=temperature, stop=stop or [])
+                                                           temperature=temperature, stop=stop or [],
+                                                           seed=random.getrandbits(32))
             for chunk in chunks:
                 choice = chunk["choices"][0]
                 text = choice["delta"].get("content") or ""
