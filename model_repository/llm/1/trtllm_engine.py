@@ -14,6 +14,7 @@ only here, so the CPU profile never needs it.
 
 from __future__ import annotations
 
+import random
 import threading
 from typing import Iterator
 
@@ -62,7 +63,9 @@ class TrtLlmEngine:
         if len(prompt) + max_tokens > self.max_seq_len:
             raise ValueError(f"the conversation is {len(prompt)} tokens; with MAX_TOKENS {max_tokens} it does not "
                              f"fit the {self.max_seq_len}-token context: drop early turns")
+        # a seed of its own: the runtime's default seed is 0 for every request, so equal prompts would get equal replies
         sampling = SamplingParams(max_tokens=max_tokens, stop=stop or None, stop_token_ids=self._end_ids,
+                                  seed=random.getrandbits(32),
                                   **({"temperature": temperature} if temperature > 0 else {"top_k": 1}))
         with self._submit:
             # called from a worker thread with no event loop: the result is iterated synchronously
