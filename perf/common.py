@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def _stat_cpu(path: Path) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     kids = []
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -159,7 +160,7 @@ def _tree(pids) -> list[int]:
         p = stack.pop()
         if p not in out:
             out.append(p)
-            stack += _children(p)
+            stack += children(p)
     return out
 
 
@@ -172,8 +173,65 @@ def process_tree_cpu(pid: int) -> float:
             total += _stat_cpu(Path(f"/proc/{p}/stat"))
         except (OSError, IndexError, ValueError):
             continue
-        stack += _children(p)
+        stack += children(p)
     return total
+
+
+# ---------------------------------------------------------------- memory from /proc
+
+def rss_mib(pid: int) -> float | None:
+    """Resident memory of one process (VmRSS), MiB; None once it is gone."""
+    return _proc_mib(Path(f"/proc/{pid}/status"), "VmRSS:")
+
+
+def pss_mib(pid: int) -> float | None:
+    """Proportional set size (shared pages split among the processes sharing them), MiB."""
+    return _proc_mib(Path(f"/proc/{pid}/smaps_rollup"), "Pss:")
+
+
+def _proc_mib(path: Path, key: str) -> float | None:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- processes
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.HTTPError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def start_edge(triton_url: str, port: int, log: Path) -> subprocess.Popen:
+    """The real edge in its own process (`python -m edge.serve --no-triton`), against a running tritonserver."""
+    env = dict(os.environ, TRITON_URL=triton_url, START_TRITON="false", EDGE_PORT=str(port), EDGE_HOST="127.0.0.1",
+               TWILIO_AUTH_TOKEN="", PUBLIC_URL="")
+    return subprocess.Popen([sys.executable, "-m", "edge.serve", "--no-triton", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------- statistics

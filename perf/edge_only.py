@@ -24,6 +24,7 @@ Measured over the steady window (all N calls connected, until the first hangs up
     lags, the jitter above is the simulator's, not the edge's);
   * CPU cores used by the edge, tritonserver (+ its Python stubs), the
     simulator and the prober (from /proc/<pid>/stat), and calls per edge core;
+  * the edge's resident memory (VmRSS) before the level and with all its calls connected;
   * unanswered turns and call errors.
 A level passes with jitter p99 <= 10 ms, edge loop lag p99 <= 20 ms, every
 turn answered and no errors; the run stops after the first level that fails.
@@ -48,8 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -60,7 +59,7 @@ from edge.simulate import CallerTurn, LineNoise, run_call
 from edge.tritonserver import TritonServer, free_port
 from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta,
                          histogram_quantile, histograms, jitter_and_glitches, machine_cpu, machine_info, reply_gaps,
-                         save_results, scrape, stats, wait_quiet)
+                         rss_mib, save_results, scrape, start_edge, stats, stop_process, wait_http, wait_quiet)
 from perf.swarm import Prepared, Swarm, prepare
 from tests.metrics import Metrics
 from tests.speech import recordings
@@ -115,40 +114,6 @@ def probe_samples(path: Path, since: float, until: float) -> list[float]:
     return rtts
 
 
-# ---------------------------------------------------------------- processes
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (OSError, urllib.error.HTTPError):
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def start_edge(triton_url: str, port: int, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, TRITON_URL=triton_url, START_TRITON="false", EDGE_PORT=str(port), EDGE_HOST="127.0.0.1",
-               TWILIO_AUTH_TOKEN="", PUBLIC_URL="")
-    return subprocess.Popen([sys.executable, "-m", "edge.serve", "--no-triton", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # ---------------------------------------------------------------- one level
 
 def caller_turns(pool: list[tuple[str, np.ndarray, Prepared]], rng: random.Random, turns: int,
@@ -201,6 +166,8 @@ async def level(n: int, args, pool, edge_url: str, metrics_url: str, triton_metr
         return await swarm.call(edge_url, turns, prepared, reply_timeout_s=args.reply_timeout,
                                 timeout_s=args.call_timeout)
 
+    edge_pid = pids.pids["edge"][0]
+    rss0 = rss_mib(edge_pid)
     cpu0 = Cpu(pids)
     wall0 = time.time()
     tasks = [asyncio.create_task(one(i, plan)) for i, plan in enumerate(plans)]
@@ -213,7 +180,7 @@ async def level(n: int, args, pool, edge_url: str, metrics_url: str, triton_metr
     h0 = histograms(text0, "edge_event_loop_lag_seconds")
     gc0, sim_gc0 = histograms(text0, "perf_edge_gc_pause_seconds", "generation"), len(GC.pauses)
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    w1, cpu2 = time.time(), Cpu(pids)
+    w1, cpu2, rss1 = time.time(), Cpu(pids), rss_mib(edge_pid)
     text1 = await asyncio.to_thread(scrape, metrics_url)
     asr1 = await asyncio.to_thread(asr_requests, triton_metrics_url)
     h1 = histograms(text1, "edge_event_loop_lag_seconds")
@@ -268,6 +235,9 @@ async def level(n: int, args, pool, edge_url: str, metrics_url: str, triton_metr
         "sim_tick_lag_ms": stats(tick_lag),
         "cores_steady": steady, "cores_whole_level": cpu3.cores(cpu0),
         "calls_per_edge_core": round(n / edge_cores, 1) if edge_cores else None,
+        # the edge's resident memory before the level and with all its calls connected: what a call holds
+        "edge_rss_mib": {"before": rss0 and round(rss0, 1), "calls_connected": rss1 and round(rss1, 1),
+                         "per_call": round((rss1 - rss0) / n, 2) if rss0 and rss1 else None},
         "turns": len(turns), "unanswered_turns": unanswered,
         "voice_to_voice_ms": stats([t.voice_to_voice_ms for t in turns]),
         "barge_in_clear_ms": stats([t.clear_after_speech_ms for t in turns if t.barge_in]),
@@ -303,7 +273,7 @@ def table(result: dict) -> str:
         return "-" if v is None else f"{v:.{nd}f}"
     lines = [f"{'calls':>5} {'jit p50':>7} {'jit p99':>7} {'jit max':>7} {'glitch':>6} {'lag p50':>7} {'lag p99':>7} "
              f"{'hz p99':>6} {'simlag99':>8} {'edge cpu':>8} {'triton':>6} {'sim':>5} {'others':>6} {'calls/core':>10} "
-             f"{'asr/s':>5} {'unans':>5} {'ok':>3}"]
+             f"{'asr/s':>5} {'edge MiB':>8} {'unans':>5} {'ok':>3}"]
     for lv in result["levels"]:
         lag = lv["edge_loop_lag_ms"] or {}
         c = lv["cores_steady"]
@@ -312,12 +282,13 @@ def table(result: dict) -> str:
                      f"{f(lag.get('p99')):>7} {f(lv['healthz_rtt_ms'].get('p99')):>6} "
                      f"{f(lv['sim_loop_lag_ms'].get('p99')):>8} {f(c.get('edge'), 2):>8} {f(c.get('triton'), 2):>6} "
                      f"{f(c.get('simulator'), 2):>5} {f(c.get('others'), 2):>6} {f(lv['calls_per_edge_core']):>10} "
-                     f"{f(lv.get('asr_requests_per_call_s')):>5} {lv['unanswered_turns']:>5} "
+                     f"{f(lv.get('asr_requests_per_call_s')):>5} "
+                     f"{f(lv.get('edge_rss_mib', {}).get('calls_connected'), 0):>8} {lv['unanswered_turns']:>5} "
                      f"{'yes' if lv['passed'] else 'NO':>3}")
     m = result["machine"]
     lines.append(f"(ms; cores = CPU seconds per second in the steady window; others = the rest of the machine; "
-                 f"asr/s = asr requests per call-second) machine: {m['cpu']}, "
-                 f"{m['cores_usable']} cores, load {m['loadavg_start']} at start, {m['date']}")
+                 f"asr/s = asr requests per call-second; edge MiB = its RSS with all calls connected) "
+                 f"machine: {m['cpu']}, {m['cores_usable']} cores, load {m['loadavg_start']} at start, {m['date']}")
     s = result["summary"]
     lines.append(f"max calls within limits: {s['max_calls_passed']}; edge calls per core there: "
                  f"{s['calls_per_edge_core_at_max']} (target >= {TARGET_CALLS_PER_CORE} with jitter p99 <= "
@@ -486,8 +457,8 @@ def main() -> None:
         levels = asyncio.run(run(args, f"ws://127.0.0.1:{port}/media", f"http://127.0.0.1:{port}/metrics",
                                  server.metrics_url, tracker, probe_log))
     finally:
-        stop(prober)
-        stop(edge)
+        stop_process(prober)
+        stop_process(edge)
         server.stop()
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     passed = [lv for lv in levels if lv["passed"]]

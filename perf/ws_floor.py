@@ -25,8 +25,7 @@ from aiohttp import web
 
 from edge import audio, protocol
 from edge.tritonserver import free_port
-from perf.common import ROOT, CpuTracker, command_line, machine_info, save_results
-from perf.edge_only import wait_http
+from perf.common import ROOT, CpuTracker, command_line, machine_info, save_results, wait_http
 
 FRAME_S = audio.FRAME_MS / 1000
 SID = "MZ00000000000000000000000000000000"

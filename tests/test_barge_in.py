@@ -12,8 +12,10 @@ long stories at temperature 0 (the same story for the same words).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -256,6 +258,10 @@ async def test_ten_interruptions_in_a_row_leak_no_task_request_or_call(storytell
             break
         await asyncio.sleep(0.1)
     assert not left, f"tasks left behind: {sorted(t.get_name() for t in left)}"
+    call = weakref.ref(watch.call)
+    del watch
+    gc.collect()
+    assert call() is None, f"the call's state outlived it, held by {[type(r) for r in gc.get_referrers(call())]}"
 
 
 def test_echo_is_our_words_in_our_order_not_just_our_words():
