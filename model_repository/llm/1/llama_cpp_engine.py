@@ -80,6 +80,10 @@ class LlamaCppEngine:
             for _ in range(max(1, instances))]
         cache = _SharedCache(prompt_cache_mb << 20) if prompt_cache_mb > 0 else None
         for instance in self._instances:
+            # llama-cpp-python keeps a row of logits per batch token (n_batch x vocab floats: 96 MiB for SmolLM2)
+            # that only logprobs and logits processors read, neither used here; yet each prompt-cache save copies
+            # it and each restore writes it (~30 ms a turn, and the pages stay resident). One column instead.
+            instance.llama.scores = np.zeros((instance.llama.scores.shape[0], 1), dtype=np.single)
             instance.llama.create_completion("Hello", max_tokens=1)  # the first decode is slow: pay it at load
             instance.llama.set_cache(cache)
         self._idle = list(self._instances)
@@ -170,9 +174,5 @@ class _SharedCache(llama_cpp.LlamaRAMCache):
             return super().__contains__(key)
 
     def __setitem__(self, key, value):
-        # A saved state carries the logits of a whole batch (n_batch x vocab floats: ~100 MB for SmolLM2),
-        # which the bound does not count and a restored prompt never reads (its last token is evaluated
-        # again). Keep one row, which broadcasts on load: the cache then stays near its bound.
-        value.scores = np.zeros((1, value.scores.shape[-1]), dtype=np.single)
         with self._lock:
             super().__setitem__(key, value)
