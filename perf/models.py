@@ -22,7 +22,9 @@ llm   A three-turn conversation (each turn's reply is appended before the
       next user message), --llm-repeats times with a different caller each
       time: time to first delta, deltas/s (one delta is about one token) and
       chars/s per turn. Turns 2 and 3 show the prefix KV cache: their prompts
-      are longer, their first token should not be slower.
+      are longer, their first token should not be slower. Then each
+      conversation has a fourth turn after the other conversations' turns:
+      its prompt comes back from the engine's prompt cache.
 tts   Sentences of four lengths, --tts-repeats times each: time to first
       audio and real-time factor (synthesis time / audio duration).
 """
@@ -58,6 +60,7 @@ SYSTEM_PROMPT = ("You are Ava, the phone receptionist of Bright Smile Dental. Yo
 USER_TURNS = ("Hi, I'd like to book a cleaning for next week.",
               "Tuesday afternoon works best for me, around three.",
               "Great. Do I need to bring anything with me?")
+RETURN_TURN = "One more thing: is there parking near the clinic?"
 LLM_MAX_TOKENS = 96
 
 TTS_SENTENCES = {
@@ -240,25 +243,32 @@ async def llm_turn(triton: Triton, messages: list[dict]) -> dict:
 async def bench_llm(triton: Triton, repeats: int) -> dict:
     # warm-up: loads the weights' pages and caches the shared system prompt
     await llm_turn(triton, [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Hello?"}])
-    runs = []
+    runs, conversations = [], []
+
+    async def turn(messages: list[dict], user: str) -> dict:
+        messages.append({"role": "user", "content": user})
+        reply = await llm_turn(triton, messages)
+        messages.append({"role": "assistant", "content": reply["text"]})
+        return reply
+
     for rep in range(repeats):
         # the caller's own context makes each conversation's turn 1 a cold prompt beyond the shared part
         messages = [{"role": "system", "content": f"{SYSTEM_PROMPT} The caller's number is +1 415 555 01{rep:02d}."}]
-        turns = []
-        for user in USER_TURNS:
-            messages.append({"role": "user", "content": user})
-            turn = await llm_turn(triton, messages)
-            messages.append({"role": "assistant", "content": turn["text"]})
-            turns.append(turn)
-        runs.append(turns)
+        runs.append([await turn(messages, user) for user in USER_TURNS])
+        conversations.append(messages)
+    # each conversation once more, after the others' turns: the engine's contexts hold other calls now, so its
+    # prompt comes back from the prompt cache (as most turns do when several calls share the engine)
+    for run, messages in zip(runs, conversations):
+        run.append(await turn(messages, RETURN_TURN))
     summary = {}
-    for k in range(len(USER_TURNS)):
+    for k in range(len(USER_TURNS) + 1):
         turns = [run[k] for run in runs]
-        summary[f"turn{k + 1}"] = {"ttft_ms": stats([t["ttft_ms"] for t in turns]),
-                                   "deltas_per_s": stats([t["deltas_per_s"] for t in turns]),
-                                   "chars_per_s": stats([t["chars_per_s"] for t in turns]),
-                                   "prompt_chars": statistics.fmean(t["prompt_chars"] for t in turns),
-                                   "deltas": statistics.fmean(t["deltas"] for t in turns)}
+        name = f"turn{k + 1}" + (" after other calls" if k == len(USER_TURNS) else "")
+        summary[name] = {"ttft_ms": stats([t["ttft_ms"] for t in turns]),
+                         "deltas_per_s": stats([t["deltas_per_s"] for t in turns]),
+                         "chars_per_s": stats([t["chars_per_s"] for t in turns]),
+                         "prompt_chars": statistics.fmean(t["prompt_chars"] for t in turns),
+                         "deltas": statistics.fmean(t["deltas"] for t in turns)}
     return {"max_tokens": LLM_MAX_TOKENS, "temperature": 0.0, "runs": runs, "summary": summary}
 
 
