@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from edge import audio, protocol, telemetry
 from edge.clauses import ClauseChunker, ends_sentence
@@ -41,6 +41,8 @@ from edge.triton import ModelError, Triton
 log = logging.getLogger("edge.call")
 
 MAX_BAD_MESSAGES = 20
+#: Twilio sends `connected` and `start` as soon as the socket opens: a socket without a `start` by then is not a call
+START_TIMEOUT_S = 10.0
 SOCKET_ENDED = (web.WSMsgType.CLOSE, web.WSMsgType.CLOSING, web.WSMsgType.CLOSED, web.WSMsgType.ERROR)
 OVERLAP_PAUSE_S = 0.3  # a pause this short inside the caller's speech does not end an overlap
 ARRIVALS_KEPT = 30_000  # media messages (10 minutes at 20 ms)
@@ -162,6 +164,7 @@ class Call:
     async def serve(self) -> None:
         """Read Twilio's messages until `stop` or the socket closes; then end everything in flight."""
         telemetry.CALLS_ACTIVE.inc()
+        no_start = asyncio.get_running_loop().call_later(START_TIMEOUT_S, self._no_start)
         try:
             while True:  # (not `async for`: one coroutine less per message, 50 a second)
                 message = await self.ws.receive()
@@ -181,8 +184,16 @@ class Call:
             telemetry.CALL_ERRORS.labels(e.kind).inc()
             log.warning(json.dumps({"event": "call_failed", "call": self.call_sid, "reason": str(e)}))
         finally:
+            no_start.cancel()
             await self._close()
             telemetry.CALLS_ACTIVE.dec()
+
+    def _no_start(self) -> None:
+        if self.state == "connecting":
+            telemetry.CALL_ERRORS.labels("protocol").inc()
+            log.warning(json.dumps({"event": "call_failed", "call": self.call_sid,
+                                    "reason": f"no 'start' message within {START_TIMEOUT_S:g} s"}))
+            asyncio.create_task(self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"no start message"))
 
     def _drop(self, reason: str) -> None:
         """A message that is not what Twilio sends: log it and go on; too many end this call only."""

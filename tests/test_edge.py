@@ -14,6 +14,7 @@ from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
 from edge import audio, protocol, telemetry
+from edge import call as call_module
 from edge.app import CALLS, SETTINGS
 from edge.call import LINE_STALL_MS, MAX_BAD_MESSAGES, SILENT_FRAME, Call, Turn
 from edge.settings import Settings
@@ -165,6 +166,26 @@ async def test_malformed_messages_are_dropped_and_too_many_end_only_their_own_ca
         == 2 * MAX_BAD_MESSAGES + 1
     assert after.value("edge_call_errors_total", kind="protocol") \
         - before.value("edge_call_errors_total", kind="protocol") == 1
+
+
+async def test_a_socket_that_never_starts_a_call_is_closed(edge, monkeypatch):
+    """Twilio sends `start` as soon as the socket opens; a socket that does not (a port scanner, a client that
+    died after the upgrade) is closed after START_TIMEOUT_S instead of being held forever."""
+    monkeypatch.setattr(call_module, "START_TIMEOUT_S", 0.5)
+    before = await ascrape(edge.http_url + "/metrics")
+
+    async def close_code(first: str | None) -> int | None:
+        async with aiohttp.ClientSession() as session, session.ws_connect(edge.ws_url) as ws:
+            if first:
+                await ws.send_str(first)
+            message = await asyncio.wait_for(ws.receive(), 5.0)
+            return ws.close_code if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) else None
+
+    assert await asyncio.gather(close_code(None), close_code(protocol.connected_message())) \
+        == [aiohttp.WSCloseCode.POLICY_VIOLATION] * 2
+    after = await ascrape(edge.http_url + "/metrics")
+    assert after.value("edge_call_errors_total", kind="protocol") \
+        - before.value("edge_call_errors_total", kind="protocol") == 2
 
 
 def without_trailing_silence(samples: np.ndarray) -> np.ndarray:
