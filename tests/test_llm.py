@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -240,3 +241,32 @@ def test_a_conversation_restored_from_the_prompt_cache_is_sampled_afresh():
         engine.shutdown()
     log.info("replies: %s", replies)
     assert len(set(replies[1:])) == 3
+
+
+def test_a_reply_ends_at_a_sentence_when_another_call_waits_for_its_context():
+    """One llama.cpp context writes one reply at a time, seconds on CPU: while a request waits for it, the
+    reply being written ends at its first sentence end past yield_after_chars, and the waiting one starts."""
+    engine = load_engine(gguf="smollm2", n_ctx=1024, instances=1, prompt_cache_mb=0, yield_after_chars=40)
+    story = [SYSTEM, {"role": "user", "content": "Tell me a long story about your clinic, in many sentences."}]
+    short = [SYSTEM, {"role": "user", "content": "Hello?"}]
+
+    def reply(messages, on_delta=lambda: None):
+        deltas, reason = [], None
+        for delta, reason in engine.generate(messages, 200, 0.0, []):
+            deltas.append(delta)
+            on_delta()
+        return "".join(deltas), reason
+
+    try:
+        alone, alone_reason = reply(story)
+        waiter = threading.Thread(target=lambda: answers.append(reply(short)))
+        answers = []
+        contended, reason = reply(story, lambda: waiter.is_alive() or answers or waiter.start())
+        waiter.join(60)
+    finally:
+        engine.shutdown()
+    log.info("alone (%s): %r / contended (%s): %r", alone_reason, alone, reason, contended)
+    assert len(alone) > len(contended) + 40, "the reply written alone should be the longer one"
+    assert reason == "length" and len(contended.strip()) >= 40 and contended.rstrip().endswith((".", "!", "?"))
+    assert alone.startswith(contended)  # the same reply (temperature 0), only ended sooner
+    assert answers and answers[0][0], "the waiting request got no reply"

@@ -70,9 +70,11 @@ class LlamaCppEngine:
     """Streams a chat reply as text deltas; closing the generator stops llama.cpp at the next token."""
 
     def __init__(self, gguf: str = "smollm2", n_ctx: int = 2048, n_threads: int = 0, instances: int = 2,
-                 prompt_cache_mb: int = 256, n_threads_batch: int = 0):
+                 prompt_cache_mb: int = 256, n_threads_batch: int = 0, yield_after_chars: int = 100):
         path, self.chat_format = gguf_file(gguf)
         self.name, self.n_ctx = gguf, n_ctx
+        self.yield_after_chars = yield_after_chars
+        self._waiting = 0  # requests waiting for an idle instance
         self._instances = [
             _Instance(llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads or cores(),
                                       n_threads_batch=n_threads_batch or cores(),
@@ -94,7 +96,8 @@ class LlamaCppEngine:
         return cls(gguf=params.get("gguf", "smollm2"), n_ctx=int(params.get("n_ctx", 2048)),
                    n_threads=int(params.get("n_threads", 0) or 0), instances=instances,
                    n_threads_batch=int(params.get("n_threads_batch", 0) or 0),
-                   prompt_cache_mb=int(params.get("prompt_cache_mb", 256)))
+                   prompt_cache_mb=int(params.get("prompt_cache_mb", 256)),
+                   yield_after_chars=int(params.get("yield_after_chars", 100)))
 
     def generate(self, messages: list[dict], max_tokens: int, temperature: float,
                  stop: list[str]) -> Iterator[tuple[str, str | None]]:
@@ -118,6 +121,9 @@ class LlamaCppEngine:
                 reason = choice["finish_reason"]
                 if text or reason:
                     reply.append(text)
+                    if reason is None and self._should_yield(reply):
+                        yield text, "length"  # another call's turn waits for this instance: end here
+                        return
                     yield text, reason
         except ValueError as e:  # llama-cpp-python's only ValueError before any work: the prompt does not fit
             raise ValueError(f"the conversation does not fit the {self.n_ctx}-token context: {e}; "
@@ -131,10 +137,23 @@ class LlamaCppEngine:
         for instance in self._instances:
             instance.llama.close()
 
+    def _should_yield(self, reply: list[str]) -> bool:
+        """Every instance busy and a request waiting: a reply that has said enough ends at its next sentence end.
+        (One generation holds an instance for its whole reply, seconds on CPU, while the reply takes far longer to
+        say: without this, the third of three callers who speak at once waits for a whole reply to be written.)"""
+        if not self._waiting or not self.yield_after_chars:
+            return False
+        text = "".join(reply).rstrip().rstrip("\"')]")
+        return len(text) >= self.yield_after_chars and text.endswith((".", "!", "?"))
+
     def _acquire(self, messages: list[dict]) -> _Instance:
         """The idle instance holding the longest run of these messages (else the least recently used)."""
         with self._changed:
-            self._changed.wait_for(lambda: self._idle)
+            self._waiting += 1
+            try:
+                self._changed.wait_for(lambda: self._idle)
+            finally:
+                self._waiting -= 1
             best = max(self._idle, key=lambda i: (i.shared_messages(messages), -i.used_at))
             self._idle.remove(best)
             return best
