@@ -673,7 +673,8 @@ class Call:
             finally:
                 await deltas.aclose()
             for clause in chunker.flush():
-                if deltas.finish_reason == "length" and turn.clauses and ends_sentence(turn.clauses[-1]):
+                if deltas.finish_reason == "length" and not ends_sentence(clause) and turn.clauses \
+                        and ends_sentence(turn.clauses[-1]):
                     # LLM_MAX_TOKENS cut this sentence short: the reply ends on the last whole one instead
                     log.info(json.dumps({"event": "reply_cut", "call": self.call_sid, "turn": turn.number,
                                          "unsaid": clause[:300]}))

@@ -387,12 +387,14 @@ class ScriptedLlm:
         return LlmReply(results())
 
 
-@pytest.mark.parametrize("finish_reason, said", [
-    ("length", ["Sure, I can help."]),  # LLM_MAX_TOKENS cut the second sentence: it is not spoken
-    ("stop", ["Sure, I can help.", "The first step is to open the box"]),  # the reply's own end is
+@pytest.mark.parametrize("last, finish_reason, said", [
+    ("the box", "length", ["Sure, I can help."]),  # LLM_MAX_TOKENS cut the second sentence: it is not spoken
+    ("the box", "stop", ["Sure, I can help.", "The first step is to open the box"]),  # the reply's own end is
+    # cut right after a sentence (the token limit, or the llm ending a reply for a waiting call): it is whole
+    ("the box.", "length", ["Sure, I can help.", "The first step is to open the box."]),
 ])
-async def test_a_reply_cut_by_the_token_limit_ends_on_its_last_whole_sentence(finish_reason, said):
-    llm = ScriptedLlm(["Sure, I can ", "help. The first ", "step is to open ", "the box"], finish_reason)
+async def test_a_reply_cut_by_the_token_limit_ends_on_its_last_whole_sentence(last, finish_reason, said):
+    llm = ScriptedLlm(["Sure, I can ", "help. The first ", "step is to open ", last], finish_reason)
     call = Call(ws=None, settings=Settings(), triton=llm, phrases=None)
     turn = Turn(1, "How do I start?", telemetry.TurnTimes())
     await call._generate(turn, asyncio.Queue())
