@@ -38,7 +38,7 @@ from edge.simulate import run_call
 from edge.tritonserver import TritonServer, free_port
 from perf.common import (ROOT, children, command_line, machine_info, pss_mib, rss_mib, save_results, start_edge,
                          stop_process, wait_http)
-from perf.loadgen import caller_pool, plan_calls
+from perf.loadgen import STAGGER_S, caller_pool, plan_calls
 
 STUB = "triton_python_backend_stub"
 
@@ -116,16 +116,17 @@ async def rounds(args, url: str, pids: dict[str, int], sampler: Sampler) -> list
                 start = sampler.now()
 
                 async def one(i: int, turns):
-                    await asyncio.sleep(i * 0.5)
+                    await asyncio.sleep(i * STAGGER_S)
                     return await run_call(url, turns, session=session, reply_timeout_s=args.reply_timeout,
                                           timeout_s=args.call_timeout)
 
                 reports = await asyncio.gather(*(one(i, p) for i, p in enumerate(plans)), return_exceptions=True)
                 end = sampler.now()
                 await asyncio.sleep(args.settle_s)  # the calls' state is released once their sockets are closed
-                errors = [repr(r) if isinstance(r, BaseException) else e for r in reports
-                          for e in ([r] if isinstance(r, BaseException) else r.errors)]
-                turns = sum(len(r.turns) for r in reports if not isinstance(r, BaseException))
+                ended = [r for r in reports if not isinstance(r, BaseException)]
+                errors = [repr(r) for r in reports if isinstance(r, BaseException)]
+                errors += [e for r in ended for e in r.errors]
+                turns = sum(len(r.turns) for r in ended)
                 out.append({"calls": n, "round": round_, "span_s": [round(start, 1), round(end, 1)], "turns": turns,
                             "errors": errors, "peak_rss_mib": sampler.peak(start, end), "after": snapshot(pids)})
     return out

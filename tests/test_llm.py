@@ -259,9 +259,14 @@ def test_a_reply_ends_at_a_sentence_when_another_call_waits_for_its_context():
 
     try:
         alone, alone_reason = reply(story)
-        waiter = threading.Thread(target=lambda: answers.append(reply(short)))
         answers = []
-        contended, reason = reply(story, lambda: waiter.is_alive() or answers or waiter.start())
+        waiter = threading.Thread(target=lambda: answers.append(reply(short)))
+
+        def start_waiter():  # once the story has begun: its context is taken
+            if waiter.ident is None:
+                waiter.start()
+
+        contended, reason = reply(story, start_waiter)
         waiter.join(60)
     finally:
         engine.shutdown()
