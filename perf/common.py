@@ -354,7 +354,8 @@ def reply_gaps(report) -> list[dict]:
     inter-arrival gaps (ms) of its frames from its first audible frame to the next caller turn.
 
     A reply's first frames arrive at once by design (the edge sends `OUTBOUND_LEAD_MS` ahead of real time):
-    `steady` leaves out those leading near-zero gaps; jitter is |gap - 20 ms| over `steady`."""
+    `lead` counts those leading near-zero gaps, which jitter (|gap - 20 ms|) leaves out. `ends[k]` is when the
+    frame that closed `gaps[k]` arrived."""
     inf = float("inf")
     bounds = [t.started_at for t in report.turns] + [inf]
     windows = [("greeting", -inf, bounds[0])]
@@ -368,22 +369,28 @@ def reply_gaps(report) -> list[dict]:
         first = next((k for k, f in enumerate(f for f in frames if lo <= f.t < hi) if f.audible), None)
         if first is None or len(ts) - first < 2:
             continue
-        gaps = np.diff(ts[first:]) * 1000
+        times = np.asarray(ts[first:])
+        gaps = np.diff(times) * 1000
         lead = 0
         while lead < min(len(gaps), 10) and gaps[lead] < FRAME_MS / 2:
             lead += 1
-        out.append({"reply": name, "start": ts[first], "gaps": gaps, "steady": gaps[lead:]})
+        out.append({"reply": name, "start": ts[first], "gaps": gaps, "ends": times[1:], "lead": lead})
     return out
 
 
 def jitter_and_glitches(replies: list[dict], since: float = -float("inf"), until: float = float("inf"),
                         offset: float = 0.0) -> tuple[np.ndarray, int]:
-    """|gap - 20 ms| of the steady part of the replies that started in [since, until) (times + offset),
-    and how many gaps were longer than GLITCH_GAP_MS."""
-    chosen = [r for r in replies if since <= r["start"] + offset < until]
-    steady = np.concatenate([r["steady"] for r in chosen]) if chosen else np.zeros(0)
-    glitches = int(sum(int((r["gaps"] > GLITCH_GAP_MS).sum()) for r in chosen))
-    return np.abs(steady - FRAME_MS), glitches
+    """|gap - 20 ms| of the replies' steady gaps whose two frames arrived in [since, until) (times + offset),
+    and how many of those gaps were longer than GLITCH_GAP_MS. A gap that straddles a bound is not the
+    window's: after a steady window the simulator is busy with its own work (calls hanging up, its reports
+    gathered), and a stall of its loop reads as a gap in every call at once."""
+    jitter, glitches = [np.zeros(0)], 0
+    for r in replies:
+        ends = r["ends"] + offset
+        inside = (ends - r["gaps"] / 1000 >= since) & (ends < until)
+        jitter.append(np.abs(r["gaps"][r["lead"]:][inside[r["lead"]:]] - FRAME_MS))
+        glitches += int((r["gaps"][inside] > GLITCH_GAP_MS).sum())
+    return np.concatenate(jitter), glitches
 
 
 async def wait_quiet(ours, limit_cores: float, max_wait_s: float) -> dict:

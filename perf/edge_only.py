@@ -15,8 +15,9 @@ for the reply and a short pause, and hangs up after --turns-per-call turns.
 
 Measured over the steady window (all N calls connected, until the first hangs up):
   * outbound frame-spacing jitter: |inter-arrival - 20 ms| of the agent's frames
-    while a reply plays (a reply's leading 80 ms burst left out), p50/p99/max,
-    and glitches (gaps > 60 ms inside a reply);
+    while a reply plays (a reply's leading 80 ms burst left out, and gaps not
+    wholly inside the window), p50/p99/max, and glitches (gaps > 60 ms inside a
+    reply);
   * the edge's event-loop lag (`edge_event_loop_lag_seconds` on its /metrics,
     p50/p99 from the histogram's buckets), /healthz round trips from the prober
     (an outside view of the same), and this process's own loop lag plus the

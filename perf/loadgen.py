@@ -56,9 +56,9 @@ import numpy as np
 from edge import audio
 from edge.simulate import CallerTurn, run_call
 from edge.tritonserver import free_port
-from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta,
-                         histogram_quantile, histograms, machine_cpu, machine_info, reply_gaps, save_results, scrape,
-                         stats, wait_quiet)
+from perf.common import (GLITCH_GAP_MS, ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line,
+                         histogram_delta, histogram_quantile, histograms, machine_cpu, machine_info, reply_gaps,
+                         save_results, scrape, stats, wait_quiet)
 from tests.speech import recordings
 
 STAGES = ("endpoint_and_final", "llm_first_token", "first_clause", "tts_first_audio", "first_frame")
@@ -165,7 +165,7 @@ def turn_rows(n: int, round_: int, index: int, report, edge_records: list[dict] 
         row = {"calls": n, "round": round_, "call": index, "turn": t.index, "recording": t.name,
                "voice_to_voice_ms": _r(t.voice_to_voice_ms), "heard_voice_to_voice_ms": _r(t.heard_voice_to_voice_ms),
                "answered": t.voice_to_voice_ms is not None, "reply_audio_ms": _r(t.reply_audio_ms),
-               "glitches": int((gaps > 60).sum()), "reply_max_gap_ms": _r(t.reply_max_gap_ms),
+               "glitches": int((gaps > GLITCH_GAP_MS).sum()), "reply_max_gap_ms": _r(t.reply_max_gap_ms),
                "barge_in": t.barge_in, "clear_after_speech_ms": _r(t.clear_after_speech_ms) if t.barge_in else None}
         if edge_records is not None:
             edge = by_number.get(t.index + 1)  # the edge numbers committed turns from 1
