@@ -18,6 +18,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from edge import signature, telemetry
 from edge.call import Call, Phrases
+from edge.playback import FrameClock
 from edge.settings import Settings, media_url, public_url, signatures_required
 from edge.triton import Triton
 
@@ -27,6 +28,7 @@ SETTINGS = web.AppKey("settings", Settings)
 TRITON = web.AppKey("triton", Triton)
 PHRASES = web.AppKey("phrases", Phrases)
 CALLS = web.AppKey("calls", set)
+CLOCK = web.AppKey("clock", FrameClock)
 
 #: webhook form fields handed to the call as <Parameter>s (Twilio strips the stream URL's query string)
 CALL_PARAMETERS = {"From": "from", "To": "to", "CallSid": "call_sid", "Direction": "direction"}
@@ -56,7 +58,7 @@ async def media(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text="invalid Twilio signature")
     ws = web.WebSocketResponse(max_msg_size=256 * 1024, decode_text=False)  # bytes: pydantic parses JSON bytes
     await ws.prepare(request)
-    call = Call(ws, settings, request.app[TRITON], request.app[PHRASES])
+    call = Call(ws, settings, request.app[TRITON], request.app[PHRASES], request.app[CLOCK])
     request.app[CALLS].add(call)
     try:
         await call.serve()
@@ -117,6 +119,7 @@ async def _warm_up(triton: Triton, phrases: Phrases, texts: list[str], settings:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
+    app[CLOCK] = FrameClock()  # every call's 20 ms pacing on one clock
     if not signatures_required(settings):
         log.warning("TWILIO_AUTH_TOKEN is unset: Twilio signatures are NOT checked (development mode)")
     app.cleanup_ctx.append(_triton_client)

@@ -34,7 +34,7 @@ from aiohttp import WSCloseCode, web
 
 from edge import audio, protocol, telemetry
 from edge.clauses import ClauseChunker, ends_sentence
-from edge.playback import Playback
+from edge.playback import FrameClock, Playback
 from edge.settings import Settings
 from edge.triton import ModelError, Triton
 
@@ -123,13 +123,14 @@ class Turn:
 
 
 class Call:
-    def __init__(self, ws: web.WebSocketResponse, settings: Settings, triton: Triton, phrases: "Phrases"):
+    def __init__(self, ws: web.WebSocketResponse, settings: Settings, triton: Triton, phrases: "Phrases",
+                 clock: FrameClock):
         self.ws, self.settings, self.triton, self.phrases = ws, settings, triton, phrases
         self.state = "connecting"  # -> active -> stopping -> closed
         self.stream_sid = self.call_sid = self._asr_id = "?"
         self.parameters: dict[str, str] = {}
         self.history: list[dict] = []
-        self.playback = Playback(self._send_media, self._send_mark, settings.outbound_lead_ms)
+        self.playback = Playback(self._send_media, self._send_mark, clock, settings.outbound_lead_ms)
         self.turn: Turn | None = None
         self.turns = 0
         self.overlap: Overlap | None = None
@@ -777,7 +778,7 @@ class Call:
         """A stalled line is heard as silence. Caller silent too long: prompt once; still silent: say goodbye and
         hang up."""
         while self.state == "active":
-            await asyncio.sleep(WATCH_S)
+            await self.playback.clock.sleep(WATCH_S)
             self._fill_stalled_line()
             if self._agent_busy() or self._caller_speaking:
                 self._last_activity = time.monotonic()

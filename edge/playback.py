@@ -6,6 +6,11 @@ lead), so there is no drift and Twilio never holds more than the lead: a
 is followed by a `mark` whose name we remember with the chunk's text; when
 Twilio echoes the mark, the chunk was played. Marks echoed after a `clear`
 were not played. That is how `heard()` knows exactly what the caller heard.
+
+Every call's pacer (and every call's watch) waits on one `FrameClock` per
+process: its 20 ms ticks wake them all in the same turn of the event loop,
+where a timer per call woke the loop once per call and frame (each wake-up is
+a system call and a turn of the loop: perf/README.md "Edge alone").
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -24,9 +30,53 @@ from edge.audio import FRAME_BYTES, FRAME_MS, MULAW_SILENCE
 #: that never echoes must not leave the agent "speaking", and talking over nothing, for seconds)
 MARK_GRACE_S = 2.0
 FIRST_ECHO_GRACE_S = 0.5
-#: a frame due this soon goes now: uvloop's timers count whole milliseconds, so a shorter sleep wakes at once
-#: and the pacer would spin (8 wake-ups a frame instead of 1, measured)
+#: uvloop's timers count whole milliseconds: a shorter wait wakes at once, and a loop waiting for a moment would
+#: spin (8 wake-ups a frame instead of 1, measured). A frame due this soon goes now; a sleep gets it added.
 TIMER_SLACK_S = 0.001
+
+
+class FrameClock:
+    """Ticks every 20 ms, on a grid of the event loop's clock, while anything waits for a tick. One for the whole
+    process: the waits of every call end in the same turn of the loop."""
+
+    def __init__(self, period_s: float = FRAME_MS / 1000):
+        self.period = period_s
+        self._waiting: dict[int, list[asyncio.Future]] = {}  # tick number -> its waiters
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_tick = 0
+
+    def align(self, t: float) -> float:
+        """The tick nearest the monotonic time `t`."""
+        return round(t / self.period) * self.period
+
+    async def sleep(self, seconds: float) -> None:
+        """Until the first tick at least `seconds` from now."""
+        await self.until(time.monotonic() + seconds)
+
+    async def until(self, t: float) -> None:
+        """Until the first tick at or after the monotonic time `t` (a tick's own time counts as that tick)."""
+        loop = asyncio.get_running_loop()
+        tick = math.ceil(t / self.period - 1e-3)
+        waiter = loop.create_future()  # one each: a waiter cancelled cancels only its own future
+        self._waiting.setdefault(tick, []).append(waiter)
+        if self._timer is None or tick < self._timer_tick:
+            self._schedule(loop)
+        await waiter
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_tick = min(self._waiting)
+        self._timer = loop.call_at(self._timer_tick * self.period, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        for tick in [tick for tick in self._waiting if tick <= self._timer_tick]:
+            for waiter in self._waiting.pop(tick):
+                if not waiter.done():
+                    waiter.set_result(None)
+        if self._waiting:
+            self._schedule(asyncio.get_running_loop())
 
 
 @dataclass
@@ -68,14 +118,15 @@ class Playback:
     """The outbound queue of one call and its pacer task."""
 
     def __init__(self, send_media: Callable[[bytes], Awaitable[None]], send_mark: Callable[[str], Awaitable[None]],
-                 lead_ms: float = 80.0, on_frame: Callable[[float], None] | None = None):
+                 clock: FrameClock, lead_ms: float = 80.0, on_frame: Callable[[float], None] | None = None):
         self._send_media, self._send_mark = send_media, send_mark
+        self.clock = clock
         self.lead = lead_ms / 1000
         self._on_frame = on_frame
         self._chunks: list[Chunk] = []  # queued or playing, in order; played ones drop off the front
         self._next = 0  # index in _chunks of the chunk being sent
         self._frame = 0  # next frame inside that chunk
-        self._clock: float | None = None  # monotonic time frame 0 of the current run is due
+        self._run_start: float | None = None  # monotonic time frame 0 of the current run is due
         self._sent_in_run = 0
         self._wake = asyncio.Event()
         self._epoch = 0  # bumped by clear(), so a send in flight does not move the emptied queue
@@ -167,7 +218,7 @@ class Playback:
     def release(self) -> None:
         if self.held:
             self.held = False
-            self._clock = None  # a new run: the frames after the pause are paced from now
+            self._run_start = None  # a new run: the frames after the pause are paced from now
             self._wake.set()
 
     def clear(self) -> Heard:
@@ -179,7 +230,7 @@ class Playback:
         heard = self.heard()
         self._epoch += 1
         self._chunks, self._next, self._frame = [], 0, 0
-        self._clock = None
+        self._run_start = None
         self.held = False
         self._check_idle()
         return heard
@@ -205,7 +256,7 @@ class Playback:
         """Send frames on the absolute clock until cancelled."""
         while True:
             if self._next >= len(self._chunks):
-                self._clock = None
+                self._run_start = None
                 self._check_idle()
                 self._wake.clear()
                 await self._wake.wait()
@@ -225,16 +276,16 @@ class Playback:
                     self._next += 1
                     self._frame = 0
                     continue
-                self._clock = None  # underrun: the clause's audio is late; start a new run when it comes
+                self._run_start = None  # underrun: the clause's audio is late; start a new run when it comes
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             now = time.monotonic()
-            if self._clock is None:
-                self._clock, self._sent_in_run = now, 0
-            due = self._clock + self._sent_in_run * FRAME_MS / 1000 - self.lead
+            if self._run_start is None:  # a run's frames are due on the process's ticks: the lead is 80 +- 10 ms
+                self._run_start, self._sent_in_run = self.clock.align(now), 0
+            due = self._run_start + self._sent_in_run * FRAME_MS / 1000 - self.lead
             if due > now + TIMER_SLACK_S:
-                await asyncio.sleep(due - now)
+                await self.clock.until(due)
                 continue  # the queue may have been cleared meanwhile
             if self._frame == 0:
                 chunk.first_sent = time.monotonic()

@@ -17,6 +17,7 @@ from edge import audio, protocol, telemetry
 from edge import call as call_module
 from edge.app import CALLS, SETTINGS
 from edge.call import LINE_STALL_MS, MAX_BAD_MESSAGES, SILENT_FRAME, Call, Turn
+from edge.playback import FrameClock
 from edge.settings import Settings
 from edge.signature import sign, sign_websocket
 from edge.simulate import run_call
@@ -297,7 +298,7 @@ class CountingAsr:
 
 
 def listening_call() -> Call:
-    call = Call(ws=None, settings=Settings(), triton=None, phrases=None)
+    call = Call(ws=None, settings=Settings(), triton=None, phrases=None, clock=FrameClock())
     call.state, call._asr = "active", CountingAsr(call)
     return call
 
@@ -395,7 +396,7 @@ class ScriptedLlm:
 ])
 async def test_a_reply_cut_by_the_token_limit_ends_on_its_last_whole_sentence(last, finish_reason, said):
     llm = ScriptedLlm(["Sure, I can ", "help. The first ", "step is to open ", last], finish_reason)
-    call = Call(ws=None, settings=Settings(), triton=llm, phrases=None)
+    call = Call(ws=None, settings=Settings(), triton=llm, phrases=None, clock=FrameClock())
     turn = Turn(1, "How do I start?", telemetry.TurnTimes())
     await call._generate(turn, asyncio.Queue())
     assert turn.clauses == said

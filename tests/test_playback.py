@@ -8,7 +8,7 @@ import numpy as np
 from edge import audio
 from edge.audio import FRAME_BYTES
 from edge.clauses import ClauseChunker, speakable
-from edge.playback import FIRST_ECHO_GRACE_S, Playback
+from edge.playback import FIRST_ECHO_GRACE_S, FrameClock, Playback
 from edge.simulate import LineNoise
 from tests.speech import recording
 
@@ -29,7 +29,7 @@ class Wire:
 
 async def test_frames_are_160_bytes_paced_at_20ms_with_a_mark_after_each_chunk():
     wire = Wire()
-    playback = Playback(wire.media, wire.mark, lead_ms=40)
+    playback = Playback(wire.media, wire.mark, FrameClock(), lead_ms=40)
     pacer = asyncio.create_task(playback.run())
     playback.enqueue("Hello there.", bytes(range(256)) * 25)  # 6400 bytes = 40 frames
     playback.enqueue("How are you?", b"\x7f" * 1000)  # 7 frames, the last padded
@@ -48,7 +48,7 @@ async def test_frames_are_160_bytes_paced_at_20ms_with_a_mark_after_each_chunk()
 
 async def test_echoed_marks_decide_what_was_heard_and_clear_keeps_only_that():
     wire = Wire()
-    playback = Playback(wire.media, wire.mark, lead_ms=0)
+    playback = Playback(wire.media, wire.mark, FrameClock(), lead_ms=0)
     pacer = asyncio.create_task(playback.run())
     playback.enqueue("First clause here.", b"\xff" * 1600)  # 0.2 s
     playback.enqueue("second clause with eight words in it now", b"\xff" * 8000)  # 1 s
@@ -83,7 +83,7 @@ def test_speakable_drops_markdown_and_emoji():
 
 async def test_hold_stops_the_frames_and_release_goes_on_from_the_same_one():
     wire = Wire()
-    playback = Playback(wire.media, wire.mark, lead_ms=0)
+    playback = Playback(wire.media, wire.mark, FrameClock(), lead_ms=0)
     pacer = asyncio.create_task(playback.run())
     frames = [bytes([i]) * FRAME_BYTES for i in range(50)]  # 1 s, every frame different
     playback.enqueue("one two three four five six seven eight nine ten", b"".join(frames))
@@ -139,7 +139,7 @@ def test_the_sound_gate_tells_speech_from_the_lines_own_noise():
 
 async def test_a_peer_that_never_echoes_marks_is_heard_once_the_audio_has_had_time_to_play():
     wire = Wire()
-    playback = Playback(wire.media, wire.mark, lead_ms=0)
+    playback = Playback(wire.media, wire.mark, FrameClock(), lead_ms=0)
     pacer = asyncio.create_task(playback.run())
     playback.enqueue("A short clause.", b"\xff" * 1600)  # 0.2 s
     while "m1" not in wire.marks:
