@@ -36,7 +36,7 @@ TIMER_SLACK_S = 0.001
 
 
 class FrameClock:
-    """Ticks every 20 ms, on a grid of the event loop's clock, while anything waits for a tick. One for the whole
+    """Ticks every 20 ms, on a grid of the monotonic clock, while anything waits for a tick. One for the whole
     process: the waits of every call end in the same turn of the loop."""
 
     def __init__(self, period_s: float = FRAME_MS / 1000):
@@ -67,7 +67,8 @@ class FrameClock:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_tick = min(self._waiting)
-        self._timer = loop.call_at(self._timer_tick * self.period, self._tick)
+        # ticks are on time.monotonic(), which no event loop promises its own clock to be
+        self._timer = loop.call_later(self._timer_tick * self.period - time.monotonic(), self._tick)
 
     def _tick(self) -> None:
         self._timer = None

@@ -374,7 +374,7 @@ def reply_gaps(report) -> list[dict]:
         lead = 0
         while lead < min(len(gaps), 10) and gaps[lead] < FRAME_MS / 2:
             lead += 1
-        out.append({"reply": name, "start": ts[first], "gaps": gaps, "ends": times[1:], "lead": lead})
+        out.append({"reply": name, "gaps": gaps, "ends": times[1:], "lead": lead})
     return out
 
 
