@@ -27,7 +27,8 @@ Measured per interruption:
                       and the tts request in flight then (`voice_requests_active` > 0 just before)
 Per overlap: whether a `clear` came while it was said or within 2 s after (a false interruption).
 
-Writes <out>/bargein-<UTC stamp>.json and bargein-latest.json and prints a table. Goal on the CPU profile:
+Writes <out>/bargein-<UTC stamp>.json and bargein-latest.json and prints a table; if the tritonserver it
+started dies, it stops after that run, saves nothing and exits with the end of the server's log. Goal on the CPU profile:
 onset -> clear p95 <= BARGE_IN_MIN_SPEECH_MS + 150 ms.
 """
 
@@ -251,8 +252,12 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+class TritonDied(RuntimeError):
+    """The tritonserver started here died during the runs: what they measured after it is not barge-in."""
+
+
 async def run(triton_url: str, metrics_url: str, runs: int, overrides: dict[str, str],
-              line_noise_dbfs: float | None) -> dict:
+              line_noise_dbfs: float | None, alive=lambda: True) -> dict:
     log = EdgeLog()
     edge_logger = logging.getLogger("edge.call")
     edge_logger.setLevel(logging.DEBUG)
@@ -268,6 +273,8 @@ async def run(triton_url: str, metrics_url: str, runs: int, overrides: dict[str,
             t = time.perf_counter()
             speech += await speech_call(url, metrics_url, log, i, line_noise_dbfs)
             overlaps += await overlap_call(url, log, i, sounds, line_noise_dbfs)
+            if not alive():
+                raise TritonDied(f"tritonserver died during run {i + 1}")
             print(f"run {i + 1}/{runs} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     finally:
         await runner.cleanup()
@@ -309,7 +316,11 @@ def main() -> None:
         server.start(timeout=900)
         try:
             server_info = {"url": server.grpc_url, "started_here": True, "profile": "cpu", "log": str(log)}
-            result = asyncio.run(run(server.grpc_url, server.metrics_url, args.runs, overrides, args.line_noise_dbfs))
+            result = asyncio.run(run(server.grpc_url, server.metrics_url, args.runs, overrides, args.line_noise_dbfs,
+                                     alive=lambda: server.process.poll() is None))
+        except TritonDied as e:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            sys.exit(f"{e} (exit status {server.process.returncode}); nothing saved. End of {log}:\n{tail}")
         finally:
             server.stop()
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
