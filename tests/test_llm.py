@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -288,12 +289,16 @@ def test_smollm2_is_requantized_once_to_q8_0_and_keeps_its_weights(tmp_path, mon
     import llama_cpp
 
     module = engine_module()
-    monkeypatch.setattr(module, "CACHE", tmp_path)
+    monkeypatch.setattr(module, "CACHE", tmp_path / "cache")
     shipped, _ = module.gguf_file("smollm2")
     made = module.requantized(shipped, "q8_0")
-    assert Path(made).parent == tmp_path
+    assert Path(made).parent == tmp_path / "cache"
     written = Path(made).stat().st_mtime_ns
     assert module.requantized(shipped, "q8_0") == made and Path(made).stat().st_mtime_ns == written
+    copy = tmp_path / "another-venv" / Path(shipped).name  # each clone installs its own copy: one cached file
+    copy.parent.mkdir()
+    shutil.copy(shipped, copy)
+    assert module.requantized(str(copy), "q8_0") == made
     assert module.requantized(shipped, "") == shipped
     with pytest.raises(ValueError, match="unknown quantize"):
         module.requantized(shipped, "q2_k")

@@ -19,6 +19,7 @@ fast CPU kernels; its Q8_0 holds the same weights (the perplexity stays within
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import os
 import random
@@ -52,7 +53,7 @@ def gguf_file(name: str) -> tuple[str, str | None]:
     raise ValueError(f"unknown gguf {name!r}: one of {', '.join(GGUFS)}, or a path to a .gguf file")
 
 
-#: what `quantize` may name: lossless or nearly so from the shipped 4-bit weights
+#: what `quantize` may name: lossless or nearly so from 4-bit weights
 QUANTIZATIONS = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16}
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phone-agent" / "gguf"
 
@@ -64,8 +65,9 @@ def requantized(path: str, quantization: str) -> str:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantize {quantization!r}: one of {', '.join(QUANTIZATIONS)}, or empty")
     source = Path(path)
-    stat = source.stat()
-    target = CACHE / f"{source.stem}.{stat.st_size}-{int(stat.st_mtime)}.{quantization}.gguf"
+    with open(source, "rb") as f:  # by content (~0.2 s): every clone's venv installs its own copy of the file
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    target = CACHE / f"{source.stem}.{digest}.{quantization}.gguf"
     if not target.is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.partial")  # several servers may start at once
