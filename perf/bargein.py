@@ -28,8 +28,8 @@ Measured per interruption:
 Per overlap: whether a `clear` came while it was said or within 2 s after (a false interruption).
 
 Writes <out>/bargein-<UTC stamp>.json and bargein-latest.json and prints a table; if the tritonserver it
-started dies, it stops after that run, saves nothing and exits with the end of the server's log. Goal on the CPU profile:
-onset -> clear p95 <= BARGE_IN_MIN_SPEECH_MS + 150 ms.
+started dies, it stops after that run, saves nothing and exits with the end of the server's log. Goal on the
+CPU profile: onset -> clear p95 <= BARGE_IN_MIN_SPEECH_MS + 150 ms.
 """
 
 from __future__ import annotations

@@ -313,7 +313,8 @@ def test_smollm2_is_requantized_once_to_q8_0_and_keeps_its_weights(tmp_path, mon
             logits = np.asarray(llama.scores[:len(tokens) - 1], dtype=np.float64)
             top = logits.max(axis=1, keepdims=True)
             log_p = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
-            return float(np.exp(-log_p[np.arange(len(tokens) - 1), tokens[1:]].mean())), llama.metadata["general.file_type"]
+            nll = -log_p[np.arange(len(tokens) - 1), tokens[1:]].mean()
+            return float(np.exp(nll)), llama.metadata["general.file_type"]
         finally:
             llama.close()
 
