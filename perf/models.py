@@ -27,6 +27,10 @@ llm   A three-turn conversation (each turn's reply is appended before the
       its prompt comes back from the engine's prompt cache.
 tts   Sentences of four lengths, --tts-repeats times each: time to first
       audio and real-time factor (synthesis time / audio duration).
+      With the llm loaded too, the short and medium ones again while an llm
+      reply is being written (as a turn's first clause is synthesized while
+      the llm writes the rest): first audio, and the llm's tokens/s meanwhile
+      against its tokens/s before the synthesis began.
 """
 
 from __future__ import annotations
@@ -306,6 +310,40 @@ async def bench_tts(triton: Triton, repeats: int) -> dict:
     return {"sentences": TTS_SENTENCES, "runs": results, "summary": summary}
 
 
+async def bench_tts_beside_llm(triton: Triton, repeats: int) -> dict:
+    """tts first audio while the llm writes, and what the synthesis costs the llm's writing."""
+    results = {name: [] for name in ("short", "medium")}
+    for rep in range(repeats):
+        for name in results:
+            times: list[float] = []
+            messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                        {"role": "user", "content": f"Caller {rep}: what does a cleaning involve, and how long is it?"}]
+
+            async def write():
+                async for _ in triton.llm(messages, max_tokens=LLM_MAX_TOKENS, temperature=0.0):
+                    times.append(time.perf_counter())
+
+            writer = asyncio.create_task(write())
+            while len(times) < 8 and not writer.done():  # past the prompt, writing at its own pace
+                await asyncio.sleep(0.005)
+            begun = time.perf_counter()
+            utterance = await tts_utterance(triton, TTS_SENTENCES[name])
+            ended = time.perf_counter()
+            await writer
+            during = [t for t in times if begun <= t <= ended]
+            before = [t for t in times if t < begun][1:]  # after the first token
+            written_through = times and times[-1] > ended  # the llm was still writing when the audio was done
+            utterance["llm_tokens_per_s_during"] = len(during) / (ended - begun) if written_through else None
+            utterance["llm_tokens_per_s_before"] = (len(before) - 1) / (before[-1] - before[0]) \
+                if len(before) > 1 else None
+            results[name].append(utterance)
+    summary = {name: {"chars": len(TTS_SENTENCES[name]), "first_audio_ms": stats([r["first_audio_ms"] for r in rs]),
+                      "llm_tokens_per_s_during": stats([r["llm_tokens_per_s_during"] for r in rs]),
+                      "llm_tokens_per_s_before": stats([r["llm_tokens_per_s_before"] for r in rs])}
+               for name, rs in results.items()}
+    return {"runs": results, "summary": summary}
+
+
 # ---------------------------------------------------------------- report
 
 def rows(result: dict) -> list[tuple[str, dict, str]]:
@@ -329,6 +367,11 @@ def rows(result: dict) -> list[tuple[str, dict, str]]:
     if "tts" in result:
         s = result["tts"]["summary"]["all"]
         out.append(("tts first audio, all sentences", s["first_audio_ms"], f"ms  RTF p50 {s['rtf']['p50']:.2f}"))
+    for name, s in result.get("tts_beside_llm", {}).get("summary", {}).items():
+        during, before = s["llm_tokens_per_s_during"], s["llm_tokens_per_s_before"]
+        out.append((f"tts first audio, {name} ({s['chars']} chars), the llm writing", s["first_audio_ms"],
+                    f"ms  llm {during['p50']:.0f} tok/s meanwhile, {before['p50']:.0f} before"
+                    if during["n"] and before["n"] else "ms"))
     return out
 
 
@@ -401,6 +444,8 @@ async def run(url: str, models: list[str], args, server_info: dict) -> dict:
         if "tts" in models:
             t = time.perf_counter()
             result["tts"] = await bench_tts(triton, args.tts_repeats)
+            if "llm" in models:
+                result["tts_beside_llm"] = await bench_tts_beside_llm(triton, args.tts_repeats)
             print(f"tts done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     finally:
         await triton.close()

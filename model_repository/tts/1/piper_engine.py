@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Iterator
 
 import numpy as np
@@ -11,11 +12,21 @@ class PiperEngine:
     """Synthesizes sentence by sentence, so the first sentence's audio leaves before the rest is made."""
 
     def __init__(self, voice: str):
+        import onnxruntime
         from piper import PiperVoice
+        from piper.config import PiperConfig
 
         model, config = _voice_files(voice)
+        # onnxruntime's threads spin between operators by default: on a few cores shared with the llm that spin
+        # is taken from the llm writing the next clause (perf/README.md "Models": without it the llm writes
+        # ~50 % faster while a clause is synthesized, and the first audio comes as soon)
+        options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        with open(config, encoding="utf-8") as f:
+            self.voice = PiperVoice(session=onnxruntime.InferenceSession(model, sess_options=options,
+                                                                         providers=["CPUExecutionProvider"]),
+                                    config=PiperConfig.from_dict(json.load(f)))
         self.voice_name = voice
-        self.voice = PiperVoice.load(model, config_path=config)
         self.sample_rate = int(self.voice.config.sample_rate)
 
     def synthesize(self, text: str, rate: float,
