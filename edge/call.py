@@ -356,7 +356,10 @@ class Call:
     def _send_held(self) -> None:
         held, self._held, self._held_ms = self._held, [], 0.0
         if self._asr is not None and held:
-            self._asr.send(self._upsampler(audio.mulaw_to_pcm(b"".join(held))))
+            # the caller's words while they speak decide an interruption (or a resume); while the agent only
+            # listens they would take the cores, and hold back the transcript the endpoint waits on
+            self._asr.send(self._upsampler(audio.mulaw_to_pcm(b"".join(held))),
+                           partials=self._agent_busy() or self.resume is not None)
 
     def _when(self, audio_ms: float) -> float:
         """The monotonic time the caller's audio at `audio_ms` (of the current asr stream) reached us."""
@@ -415,7 +418,11 @@ class Call:
                 self.overlap.words = settled
                 if time.monotonic() - self.overlap.onset >= self.settings.barge_in_min_speech_ms / 1000:
                     self._interrupt("words")  # else the minimum-duration check interrupts
-            elif not self._caller_speaking and self._speech_stop_ms is not None and not self._agent_busy():
+            elif (not self._caller_speaking and self._speech_stop_ms is not None and not self._agent_busy()
+                  and event.get("audio_ms", 0) > self._speech_stop_ms):
+                # only a transcript past the speech's end: one that was still being made when the caller
+                # stopped misses their last words, and a reply started on it would take the cores from the
+                # transcription that the final waits for (perf/README.md "Voice-to-voice")
                 self._speculate(event.get("text", "").strip())
         elif kind == "final":
             self._on_final(event)

@@ -185,16 +185,17 @@ class AsrStream:
         while True:
             item = await self._outbox.get()
             end = item is self._END
-            samples = np.zeros(0, np.int16) if end else item
-            yield request("asr", {"AUDIO": samples}, sequence_id=self.call_id, sequence_start=start,
-                          sequence_end=end)
+            samples, partials = (np.zeros(0, np.int16), True) if end else item
+            yield request("asr", {"AUDIO": samples, "PARTIALS": np.array([partials])}, sequence_id=self.call_id,
+                          sequence_start=start, sequence_end=end)
             start = False
             if end:
                 return
 
-    def send(self, pcm16k: np.ndarray) -> None:
+    def send(self, pcm16k: np.ndarray, partials: bool = True) -> None:
+        """`partials`: whether the caller's words are wanted while they speak (asr contract: `PARTIALS`)."""
         if pcm16k.size:
-            self._outbox.put_nowait(pcm16k.astype(np.int16, copy=False))
+            self._outbox.put_nowait((pcm16k.astype(np.int16, copy=False), partials))
 
     def end(self) -> None:
         """Finish the stream: the server answers with any last final event, then an `end` event."""

@@ -51,7 +51,8 @@ def line_noise(seconds: float, level: float, seed: int = 0) -> np.ndarray:
                           audio.ASR_RATE)
 
 
-async def stream_call(client: Triton, pcm: np.ndarray, realtime: bool = True, delay: float = 0.0) -> dict:
+async def stream_call(client: Triton, pcm: np.ndarray, realtime: bool = True, delay: float = 0.0,
+                      partials: bool = True) -> dict:
     """One call: `pcm` in 20 ms frames (paced like a phone when `realtime`), 1.5 s of silence, the end.
 
     Returns the events with the time each arrived, and when each frame was sent, so a test can tell how
@@ -73,7 +74,7 @@ async def stream_call(client: Triton, pcm: np.ndarray, realtime: bool = True, de
         if realtime:
             await asyncio.sleep(max(0.0, start + i * audio.FRAME_MS / 1000 - time.perf_counter()))
         sent_at.append(time.perf_counter())
-        stream.send(frame)
+        stream.send(frame, partials)
     stream.end()
     await asyncio.wait_for(reader, timeout=120)
     return {"events": events, "sent_at": sent_at, "audio_ms": round(len(pcm) * 1000 / audio.ASR_RATE)}
@@ -132,6 +133,19 @@ async def test_phone_recordings_are_transcribed_as_spoken(client):
     assert errors / total <= 0.2
 
 
+async def test_without_partials_a_turn_still_gets_the_partial_of_its_pause_and_its_final(client):
+    """A client that only listens (PARTIALS false) gets no partials while the caller speaks, and still the
+    transcript of each pause (to start a reply on) and the final."""
+    rec = recording("queue-youarenext")
+    call = await stream_call(client, rec.phone_pcm16k(), partials=False)  # in real time: a partial every 100 ms
+    # of its first second, every 600 ms after, if they were wanted
+    check_event_order(call)
+    partials, stops = of_type(call, "partial"), of_type(call, "speech_stop")
+    assert 1 <= len(partials) <= len(stops), [e for _, e in call["events"]]  # one a pause
+    assert all(p["audio_ms"] > stops[0]["audio_ms"] for p in partials)
+    assert word_errors(rec.transcript, finals_text(call))[0] <= 2, finals_text(call)
+
+
 async def test_silence_and_line_noise_yield_no_final(client):
     quiet = np.concatenate([np.zeros(2 * audio.ASR_RATE, np.int16), line_noise(3, 30), line_noise(2, 150, seed=1)])
     call = await stream_call(client, quiet, realtime=False)
@@ -164,19 +178,23 @@ async def test_call_ending_mid_sentence_gets_its_final(client):
     assert "your call is now" in finals[0]["text"].lower()
 
 
-def asr_request(call_id: str, samples: np.ndarray, start: bool = False, end: bool = False) -> ModelInferRequest:
+def asr_request(call_id: str, samples: np.ndarray, start: bool = False, end: bool = False,
+                **inputs: np.ndarray) -> ModelInferRequest:
     """A raw request, so tests can send what the edge's client never would."""
-    return request("asr", {"AUDIO": samples}, sequence_id=call_id, sequence_start=start, sequence_end=end)
+    return request("asr", {"AUDIO": samples, **inputs}, sequence_id=call_id, sequence_start=start,
+                   sequence_end=end)
 
 
 async def test_bad_input_fails_that_request_only(client):
-    """Wrong dtype, empty audio before the end, a 2-D chunk: each gets its error; the same call goes on."""
+    """Wrong dtype, empty audio before the end, a 2-D chunk, two PARTIALS: each gets its error; the same call goes
+    on."""
     call_id = f"test-asr-{uuid.uuid4()}"
     speech = frames(recording("please-try-call-later").phone_pcm16k()) + [np.zeros(STEP, np.int16)] * 60
     requests = [asr_request(call_id, np.zeros(STEP, np.int16), start=True),
                 asr_request(call_id, np.zeros(STEP, np.float32)),
                 asr_request(call_id, np.zeros(0, np.int16)),
                 asr_request(call_id, np.zeros((2, STEP), np.int16)),
+                asr_request(call_id, np.zeros(STEP, np.int16), PARTIALS=np.array([True, False])),
                 *(asr_request(call_id, f) for f in speech),
                 asr_request(call_id, np.zeros(0, np.int16), end=True)]
 
@@ -188,8 +206,9 @@ async def test_bad_input_fails_that_request_only(client):
         events.append(json.loads(InferResult(response.infer_response).as_numpy("EVENT")[0]))
         if events[-1]["type"] == "end":
             break
-    assert len(errors) == 3, errors
+    assert len(errors) == 4, errors
     assert any("FP32" in e for e in errors) and any("AUDIO is empty" in e for e in errors)
+    assert any("'PARTIALS'" in e and "Expected [1], got [2]" in e for e in errors), errors
     finals = " ".join(e["text"] for e in events if e["type"] == "final")
     assert word_errors("Please try your call again later.", finals)[0] <= 1, finals
     # and a fresh call through the edge's own client is served as usual
@@ -379,3 +398,24 @@ def test_partials_come_every_first_partial_ms_in_the_turns_first_second():
     assert early[0] <= 150 + 64 and len(early) >= 5, partial_ends
     late = [t for t in partial_ends if t > listener.EARLY_PARTIALS_MS + 150]
     assert all(b - a >= 600 for a, b in zip(late, late[1:])) and late, partial_ends
+
+
+@pytest.mark.parametrize("speech_ms", range(1504, 2144, 32))
+def test_no_partial_starts_while_the_callers_speech_may_be_ending(speech_ms):
+    """The endpoint waits on the transcript made at speech_stop, and a call runs one transcription at a time: a
+    partial begun in the silence before speech_stop would hold that transcript back by a whole transcription.
+    Whichever way a turn's length falls against the partials' schedule, the first job after the speech is the
+    pause's."""
+    ears = listener.Listener(listener.Settings(), LoudnessVad())
+    speech = np.concatenate([np.zeros(8000), np.full(listener.samples(speech_ms), 0.5), np.zeros(16000)])
+    jobs = []
+
+    def transcribe(job):
+        jobs.append(job)
+        return "I need a taxi to the airport."
+
+    events = listen(ears, speech.astype(np.float32), transcribe)
+    silence = listener.samples(next(e for e in events if e["type"] == "speech_stop")["audio_ms"])
+    # (a job handed out inside the first quiet window is the VAD's to miss: it has not judged that window yet)
+    after = [job.kind for job in jobs if job.end > silence + listener.WINDOW]
+    assert after[:1] == ["pause"], [(job.kind, job.end - silence) for job in jobs]

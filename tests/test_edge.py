@@ -293,7 +293,7 @@ class CountingAsr:
     def requests(self) -> int:
         return len(self.sent_until_ms)
 
-    def send(self, pcm16k) -> None:
+    def send(self, pcm16k, partials: bool = True) -> None:
         self.sent_until_ms.append(self.call._received_ms)
 
 
@@ -400,3 +400,24 @@ async def test_a_reply_cut_by_the_token_limit_ends_on_its_last_whole_sentence(la
     turn = Turn(1, "How do I start?", telemetry.TurnTimes())
     await call._generate(turn, asyncio.Queue())
     assert turn.clauses == said
+
+
+async def test_a_reply_starts_at_the_callers_pause_only_on_a_transcript_past_their_last_words():
+    """After speech_stop the asr sends the partial that was still being made when the caller stopped (it misses
+    their last words), then the one of the whole speech: the reply starts on that one, before the endpoint."""
+    call = Call(ws=None, settings=Settings(), triton=ScriptedLlm(["Sure."], "stop"), phrases=None, clock=FrameClock())
+    call.state = "active"
+    call._on_asr({"type": "speech_start", "audio_ms": 300})
+    call._on_asr({"type": "partial", "text": "I'd like", "audio_ms": 900})
+    assert call.speculation is None  # the caller is speaking
+    call._on_asr({"type": "speech_stop", "audio_ms": 2000, "endpoint_ms": [2350, 2800]})
+    call._on_asr({"type": "partial", "text": "I'd like to book a", "audio_ms": 1980})
+    assert call.speculation is None
+    call._on_asr({"type": "partial", "text": "I'd like to book a table.", "audio_ms": 2100})
+    assert call.speculation is not None and call.speculation.user_text == "I'd like to book a table."
+    assert call.speculation.messages[-1] == {"role": "user", "content": "I'd like to book a table."}
+    assert not call.speculation.committed.is_set()  # unheard until the final confirms it
+    reply = call.speculation.task
+    call._drop_speculation()  # the caller spoke on
+    await asyncio.sleep(0)
+    assert call.speculation is None and reply.cancelled()

@@ -9,7 +9,11 @@ reads in one place:
 * while the caller speaks, a `partial` transcript `first_partial_ms` after
   the onset (enough to tell "uh-huh" from a real interruption), again every
   `first_partial_ms` for the turn's first second, then every
-  `partial_interval_ms`;
+  `partial_interval_ms`, as long as the client wants them (`partials`: the
+  edge does while the agent speaks, whose interruption waits on the words).
+  None is begun in silence that may be becoming a `speech_stop`: a call runs
+  one transcription at a time, and the one the endpoint waits on would wait
+  behind it;
 * at each `speech_stop` the turn so far is transcribed at once, in the
   background, so by the time the endpoint silence has passed the final text
   is usually ready: the final costs nothing after the endpoint;
@@ -157,6 +161,7 @@ class Listener:
     turn: Turn | None = None
     job: Job | None = None  # the transcription running now
     ending: bool = False  # the call ended: close the turn as soon as its transcript is in
+    partials: bool = True  # the client wants partials while the caller speaks (the pauses' come always)
     waiting: list[np.ndarray] = field(default_factory=list)  # audio received past a decision that awaits a job
 
     def __post_init__(self):
@@ -310,7 +315,7 @@ class Listener:
             self.job = self._job("pause", turn.committed_until, end)
         elif self.n - turn.committed_until > samples(self.settings.max_segment_s * 1000):
             self.job = self._job("commit", turn.committed_until, self._quietest_point())
-        elif self.n >= turn.next_partial:
+        elif self.partials and self.n >= turn.next_partial and not self.run:
             # in the turn's first second look again soon: a barge-in waits on the first words that are not "um"
             early = self.n - turn.start < samples(EARLY_PARTIALS_MS)
             interval = self.settings.first_partial_ms if early else self.settings.partial_interval_ms

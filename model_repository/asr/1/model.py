@@ -144,7 +144,8 @@ class TritonPythonModel(StreamingModel):
         call_id = request.correlation_id()
         if call_id in ("", 0):
             raise RequestError("asr needs a sequence id: the call id")
-        return call_id, audio, start, end
+        partials = tensor(request, "PARTIALS", optional=True)  # (its shape [1] Triton checks)
+        return call_id, audio, start, end, None if partials is None else bool(partials.reshape(-1)[0])
 
     @staticmethod
     def _control(request, name: str) -> bool:
@@ -155,7 +156,7 @@ class TritonPythonModel(StreamingModel):
         for request in requests:
             sender = request.get_response_sender()
             try:
-                call_id, audio, start, end = self.parse(request)
+                call_id, audio, start, end, partials = self.parse(request)
             except RequestError as e:
                 self.metrics.failed.increment(1)
                 sender.send(error(str(e), pb_utils.TritonError.INVALID_ARG), flags=FINAL)
@@ -163,10 +164,10 @@ class TritonPythonModel(StreamingModel):
                     self._drop(request.correlation_id(), None)
                 continue
             self.metrics.requests.increment(1)
-            self._accept(sender, call_id, audio, start, end)
+            self._accept(sender, call_id, audio, start, end, partials)
         return None
 
-    def _accept(self, sender, call_id, audio, start, end) -> None:
+    def _accept(self, sender, call_id, audio, start, end, partials) -> None:
         with self.calls_lock:
             call = self.calls.get(call_id)
         if call is not None and start:
@@ -190,6 +191,8 @@ class TritonPythonModel(StreamingModel):
             try:
                 if previous is not None:
                     previous.send(flags=FINAL)
+                if partials is not None:
+                    call.listener.partials = partials
                 self._emit(call, call.listener.feed(audio.astype(np.float32) / 32768.0))
                 if end:
                     self._emit(call, call.listener.finish())
