@@ -43,6 +43,7 @@ from edge.signature import SIGNATURE_HEADER, sign, sign_websocket
 FRAME = audio.FRAME_BYTES  # 160 mu-law bytes = 20 ms
 FRAME_S = audio.FRAME_MS / 1000
 SILENCE = bytes([audio.MULAW_SILENCE]) * FRAME
+SPEECH_RANGE_DB = 30  # a caller frame this far below the turn's loudest is its line noise, not speech
 
 
 @dataclass
@@ -101,8 +102,8 @@ class TurnReport:
     name: str
     started_at: float
     ended_at: float | None = None
-    speech_start: float | None = None  # send time of the turn's first frame with sound
-    speech_end: float | None = None  # end of the turn's last frame with sound (the caller's last syllable)
+    speech_start: float | None = None  # send time of the turn's first frame of speech (`_frames`)
+    speech_end: float | None = None  # end of the turn's last frame of speech (the caller's last syllable)
     barge_in: bool = False  # the agent was audible when the turn started
     reply_first_frame_at: float | None = None  # arrival of the agent's first audible frame after speech_end
     reply_first_heard_at: float | None = None  # when that audio was played to the caller
@@ -466,11 +467,18 @@ class _Call:
 
 
 def _frames(samples: np.ndarray) -> tuple[list[bytes], list[bool]]:
-    """A turn as the 20 ms mu-law frames the caller sends, and which of them carry sound."""
+    """A turn as the 20 ms mu-law frames the caller sends, and which of them carry speech: sound (a peak above
+    SOUND_THRESHOLD) within SPEECH_RANGE_DB of the turn's loudest frame. The fixed threshold alone takes a
+    recording's noise for speech: on ps_something its hiss ran the speech on 660 ms past the last word, and a
+    reply that began before that read as 10 ms voice-to-voice."""
     mulaw = audio.pcm_to_mulaw(samples)
     mulaw += SILENCE[: -len(mulaw) % FRAME]
     frames = [mulaw[i:i + FRAME] for i in range(0, len(mulaw), FRAME)]
-    return frames, [audio.mulaw_has_sound(f) for f in frames]
+    padded = np.zeros(len(frames) * FRAME, np.int32)
+    padded[:len(samples)] = np.abs(np.asarray(samples, np.int32))
+    peaks = padded.reshape(-1, FRAME).max(axis=1) if frames else padded
+    floor = max(audio.SOUND_THRESHOLD, int(peaks.max(initial=0) * 10 ** (-SPEECH_RANGE_DB / 20)))
+    return frames, [bool(p > floor) for p in peaks]
 
 
 QUIET_TICKS = 20  # 400 ms without the agent's voice: it stopped (pauses inside its speech are shorter)

@@ -18,7 +18,7 @@ interruptions its replies shrink to a few words; so in these calls it sees the s
 caller's last words only (the edge's `Call._context`, patched here), and every reply is a long story.
 
 Measured per interruption:
-  onset -> clear      simulator: the caller's first frame with sound (as sent) -> `clear` received
+  onset -> clear      simulator: the caller's first frame of speech (as sent) -> `clear` received
                       edge: the speech onset the asr's VAD reported (when that audio reached the edge) ->
                       `clear` sent (its `barge_in` log record, `onset_to_clear_ms`)
   where it goes       edge: onset -> the asr's `speech_start` event, and -> the first partial transcript

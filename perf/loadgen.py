@@ -19,7 +19,7 @@ quiet once the reply has played, or with --barge-in (turns after the first)
 background noise on every caller's line (under the speech and in the pauses).
 
 Per turn:
-  voice-to-voice   simulator: the caller's last frame with sound -> the first
+  voice-to-voice   simulator: the caller's last frame of speech -> the first
                    reply frame with sound arriving (what the edge controls);
                    `heard` adds Twilio's playback buffer
   stages           the edge's own: endpoint_and_final (its VAD speech end ->

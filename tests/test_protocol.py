@@ -25,7 +25,8 @@ from edge import audio, protocol
 from edge.protocol import ProtocolError, parse_message, parse_outbound
 from edge.settings import Settings, media_url, public_url
 from edge.signature import SIGNATURE_HEADER, sign, sign_websocket, validate_webhook, validate_websocket
-from edge.simulate import CallerTurn, run_call
+from edge.simulate import CallerTurn, _frames, run_call
+from tests.barge import caller as caller_recording
 
 ACCOUNT, CALL, STREAM = "AC" + "1" * 32, "CA" + "2" * 32, "MZ" + "3" * 32
 TOKEN = "12345"
@@ -408,3 +409,17 @@ async def test_the_webhook_and_the_upgrade_are_signed_like_twilio(edge):
         await run_call(edge["url"], [tone(0.2)], auth_token="wrong")
     with pytest.raises(RuntimeError, match="403"):
         await run_call(None, [tone(0.2)], auth_token="wrong", twiml_url=base + "/twiml")
+
+
+def test_the_callers_speech_is_timed_from_its_words_not_the_hiss_around_them():
+    """Voice-to-voice starts at the caller's last frame of speech: a recording's hiss after the last word (as in
+    ps_something) is line noise, however far above the fixed sound threshold it reaches."""
+    words = caller_recording("vm-sorry")
+    hiss = np.random.default_rng(0).normal(0, 160, audio.TWILIO_RATE).clip(-600, 600).astype(np.int16)
+    hiss_frames, _ = _frames(hiss)
+    assert all(audio.mulaw_has_sound(f) for f in hiss_frames)  # sound to the fixed threshold alone
+    _, alone = _frames(words)
+    _, padded = _frames(np.concatenate([hiss, words, hiss]))
+    speech = np.flatnonzero(alone)
+    assert np.flatnonzero(padded).tolist() == (speech + len(hiss) // audio.FRAME_BYTES).tolist()
+    assert (speech[-1] - speech[0]) * 20 > 2000  # the recording's 2.7 s of words, quiet syllables included
