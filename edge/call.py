@@ -63,7 +63,7 @@ LINE_STALL_MS = 300
 WATCH_S = 0.1  # how often a call looks for a stalled line and an idle caller
 SILENT_FRAME = bytes([audio.MULAW_SILENCE]) * audio.FRAME_BYTES
 INTERRUPTED = " [interrupted]"
-HUM = re.compile(r"[mhn]+")
+HUM = re.compile(r"[mhn]+(?:-[mhn]+)*")  # closed-mouth noises, as Whisper spells them: "mm", "mhm", "mm-mm"
 SURE_WORD_LETTERS = 3  # a partial's last word this long is taken at once; shorter ones wait for the next partial
 #: what a dead or failing Triton raises through the gRPC client
 TRITON_ERRORS = (ModelError, ConnectionError, OSError, grpc.aio.AioRpcError)
@@ -805,7 +805,7 @@ class Call:
 
 def backchannel(words: list[str], backchannels: set[str]) -> bool:
     """A listener's noise, not a turn: the phrase or each word is a backchannel, or a hum as Whisper spells it
-    ("m m m", "mm", "hmm", "mhm": what it writes for a closed-mouth "mm-hmm")."""
+    ("m m m", "mm", "hmm", "mhm", "mm-mm": what it writes for a closed-mouth "mm-hmm")."""
     return " ".join(words) in backchannels or all(w in backchannels or HUM.fullmatch(w) for w in words)
 
 

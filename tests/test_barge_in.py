@@ -276,9 +276,9 @@ def test_echo_is_our_words_in_our_order_not_just_our_words():
 
 def test_backchannels_and_hums_are_not_a_turn_but_words_are():
     listen = set(DEFAULT_BACKCHANNELS)
-    for heard in ("Uh-huh.", "Yeah, yeah.", "Okay.", "I see.", "m m m m m", "Mm.", "Hmm?", "mhm"):
+    for heard in ("Uh-huh.", "Yeah, yeah.", "Okay.", "I see.", "m m m m m", "Mm.", "Hmm?", "mhm", "mm-mm", "Hm-hmm."):
         assert backchannel(words_of(heard), listen), heard
-    for heard in ("No.", "Please", "Yeah, but wait", "I'm", "Nope. Nope."):
+    for heard in ("No.", "Please", "Yeah, but wait", "I'm", "Nope. Nope.", "Uh-uh.", "mm-hmm, no"):
         assert not backchannel(words_of(heard), listen), heard
 
 
