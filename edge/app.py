@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
@@ -29,6 +30,9 @@ TRITON = web.AppKey("triton", Triton)
 PHRASES = web.AppKey("phrases", Phrases)
 CALLS = web.AppKey("calls", set)
 CLOCK = web.AppKey("clock", FrameClock)
+
+#: polled by load balancers and Prometheus every few seconds: in the access log they would bury the calls' lines
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 #: webhook form fields handed to the call as <Parameter>s (Twilio strips the stream URL's query string)
 CALL_PARAMETERS = {"From": "from", "To": "to", "CallSid": "call_sid", "Direction": "direction"}
@@ -79,6 +83,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class CallsAccessLogger(AccessLogger):
+    """aiohttp's access log without the probes: the webhook and stream requests stay, one line each."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path not in PROBE_PATHS:
+            super().log(request, response, time)
 
 
 async def _triton_client(app: web.Application):

@@ -11,7 +11,7 @@ import logging
 import uvloop
 from aiohttp import web
 
-from edge.app import create_app
+from edge.app import CallsAccessLogger, create_app
 from edge.settings import Settings, media_url, public_url, signatures_required
 from edge.telemetry import setup_tracing
 from edge.tritonserver import TritonServer
@@ -46,7 +46,7 @@ def main() -> None:
                  media_url(settings), "" if signatures_required(settings) else " (signatures NOT checked)")
         # uvloop: the same asyncio API with a libuv loop, a third less CPU per call on the edge (perf/README.md)
         web.run_app(create_app(settings), host=settings.edge_host, port=settings.edge_port, print=None,
-                    loop=uvloop.new_event_loop())
+                    access_log_class=CallsAccessLogger, loop=uvloop.new_event_loop())
     finally:
         if server:
             server.stop()

@@ -13,15 +13,19 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import socket
 
 import numpy as np
 import pytest
 from aiohttp import WSServerHandshakeError, web
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_log import AccessLogger
 from multidict import MultiDict
 from pydantic import ValidationError
 
 from edge import audio, protocol
+from edge.app import CallsAccessLogger
 from edge.protocol import ProtocolError, parse_message, parse_outbound
 from edge.settings import Settings, media_url, public_url
 from edge.signature import SIGNATURE_HEADER, sign, sign_websocket, validate_webhook, validate_websocket
@@ -241,6 +245,16 @@ def test_a_public_edge_without_an_auth_token_is_refused():
     with pytest.raises(ValidationError, match="TWILIO_AUTH_TOKEN"):
         settings(public_url="https://agent.example.com")
     assert settings(public_url="https://agent.example.com", allow_unsigned=True)
+
+
+def test_the_access_log_has_the_calls_requests_and_not_the_probes(caplog):
+    access = CallsAccessLogger(logging.getLogger("aiohttp.access"), AccessLogger.LOG_FORMAT)
+    with caplog.at_level(logging.INFO, "aiohttp.access"):
+        for method, path in [("GET", "/healthz"), ("POST", "/twiml"), ("GET", "/readyz"), ("GET", "/metrics"),
+                             ("GET", "/media")]:
+            access.log(make_mocked_request(method, path), web.Response(), 0.001)
+    assert [record.getMessage().split('"')[1] for record in caplog.records] == ["POST /twiml HTTP/1.1",
+                                                                                "GET /media HTTP/1.1"]
 
 
 def test_settings_come_from_the_environment(monkeypatch):
