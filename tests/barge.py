@@ -222,9 +222,12 @@ class CancelWatch:
 
     def stop_after(self, model: str, unix_t: float, within: float = 5.0) -> float | None:
         """Unix time at which `model`'s engine stopped the first request cancelled after `unix_t` (the first new
-        value of its last-stop gauge scraped after `unix_t`), None if none was cancelled within `within` s."""
+        value of its last-stop gauge scraped after `unix_t`), None if none was cancelled within `within` s. A
+        scrape can read the counter after a cancel and the gauge before it (the backend sets them one after the
+        other): such a sample still holds the previous stop and is passed over."""
         base = self._before(unix_t)
         for s in self.samples:
-            if unix_t < s.sent <= unix_t + within and s.cancelled[model] > base.cancelled[model]:
+            if (unix_t < s.sent <= unix_t + within and s.cancelled[model] > base.cancelled[model]
+                    and s.last_stop[model] != base.last_stop[model]):
                 return s.last_stop[model]
         return None
