@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
 LLAMA_WHEEL := $(WHEELS)/$(subst ==,-,$(LLAMA)).built
 
-.PHONY: serve test call perf clean
+.PHONY: serve test call perf compare clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +47,18 @@ call: $(INSTALLED)
 perf: $(INSTALLED)
 	$(PY) -m perf.models
 
+# Pipecat with the same models, beside ours (perf/frameworks/): a venv of its own, made once
+PIPECAT := .venv-pipecat
+PIPECAT_INSTALLED := $(PIPECAT)/.installed
+
+$(PIPECAT_INSTALLED): perf/frameworks/requirements-pipecat.txt $(LLAMA_WHEEL)
+	$(PYTHON) -m venv $(PIPECAT)
+	$(PIPECAT)/bin/python -m pip install -q --upgrade pip
+	$(PIPECAT)/bin/python -m pip install -q --find-links $(WHEELS) -r perf/frameworks/requirements-pipecat.txt
+	touch $@
+
+compare: $(INSTALLED) $(PIPECAT_INSTALLED)
+	$(PY) -m perf.compare
+
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(PIPECAT) .cache

@@ -42,6 +42,7 @@ from edge.signature import SIGNATURE_HEADER, sign, sign_websocket
 
 FRAME = audio.FRAME_BYTES  # 160 mu-law bytes = 20 ms
 FRAME_S = audio.FRAME_MS / 1000
+UNDERRUN_TICKS = 3  # 60 ms of silence the agent did not send: as long as perf's glitch gap
 SILENCE = bytes([audio.MULAW_SILENCE]) * FRAME
 SPEECH_RANGE_DB = 30  # a caller frame this far below the turn's loudest is its line noise, not speech
 
@@ -112,6 +113,7 @@ class TurnReport:
     reply_frames: int = 0
     reply_audio_ms: float = 0.0
     reply_max_gap_ms: float | None = None  # largest inter-arrival gap of the reply's frames
+    reply_underruns: int = 0  # times Twilio's buffer ran dry for UNDERRUN_TICKS+ while the reply still came in
     clears: int = 0
     clear_after_speech_ms: float | None = None  # barge-in: caller speech onset -> first clear
     silent_after_speech_ms: float | None = None  # barge-in: caller speech onset -> the agent went quiet (heard)
@@ -137,6 +139,7 @@ class CallReport:
     closed_by: str = "caller"
     max_tick_lag_ms: float = 0.0  # the simulator's own lateness: large values make its timings unreliable
     heard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # the agent as heard, 8 kHz
+    starved: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per tick: the buffer had no full frame
     caller: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # the caller's line, 8 kHz (what
     # it sent, and silence where it sent nothing)
 
@@ -298,6 +301,7 @@ class _Call:
         self.seq = 0
         self.chunk = 0
         self.heard: list[bytes] = []
+        self.starved: list[bool] = []
         self.sent: list[bytes] = []
         self.last_audible_heard: float | None = None
         # the caller's side: which turn, which frame, and what the caller is waiting for
@@ -350,6 +354,7 @@ class _Call:
             await asyncio.gather(receiver, return_exceptions=True)
             r.duration = self.now()
             r.heard = audio.mulaw_to_pcm(b"".join(self.heard))
+            r.starved = np.asarray(self.starved, bool)
             r.caller = audio.mulaw_to_pcm(b"".join(self.sent))
             _finish_turns(r)
 
@@ -408,6 +413,7 @@ class _Call:
             tick += 1
 
     async def play(self, t: float) -> None:
+        self.starved.append(len(self.playback.buffer) < FRAME)
         chunk, due = self.playback.tick()
         self.heard.append(chunk)
         if chunk != SILENCE and audio.mulaw_has_sound(chunk):
@@ -514,6 +520,8 @@ def _finish_turns(r: CallReport) -> None:
         turn.reply_audio_ms = sum(f.nbytes for f in window) / audio.TWILIO_RATE * 1000
         if len(window) > 1:
             turn.reply_max_gap_ms = float(np.diff([f.t for f in window]).max() * 1000)
+        if turn.reply_first_heard_at is not None:
+            turn.reply_underruns = _underruns(r.starved, turn.reply_first_heard_at, window[-1].t)
         clears = [c for c in r.clears if turn.started_at <= c < bounds[i + 1]]
         turn.clears = len(clears)
         if turn.speech_start is not None:
@@ -523,6 +531,17 @@ def _finish_turns(r: CallReport) -> None:
             if turn.barge_in:
                 turn.silent_after_speech_ms = _quiet_after(loud, turn.speech_start)
         turn.marks_echoed = sum(turn.started_at <= m.t < bounds[i + 1] for m in r.marks_echoed)
+
+
+def _underruns(starved: np.ndarray, first_heard: float, last_arrival: float) -> int:
+    """Runs of UNDERRUN_TICKS or more ticks with Twilio's buffer dry between a reply's first heard tick and the
+    arrival of its last frame: silence the caller hears that the agent did not send. Unlike gaps between
+    arrivals, this does not depend on how much audio each message carries (our edge sends 20 ms a message,
+    some agents larger ones, ahead of time)."""
+    span = starved[int(round(first_heard / FRAME_S)):int(np.ceil(last_arrival / FRAME_S))].astype(np.int8)
+    edges = np.diff(np.concatenate(([0], span, [0])))
+    lengths = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+    return int((lengths >= UNDERRUN_TICKS).sum())
 
 
 async def fetch_twiml(session: aiohttp.ClientSession, twiml_url: str, auth_token: str | None,

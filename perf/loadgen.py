@@ -28,6 +28,8 @@ Per turn:
   barge-in         caller speech onset -> `clear` (simulator), onset -> clear
                    sent (edge)
   glitches         gaps > 60 ms between the reply's frames while it plays
+  underruns        60 ms+ of silence heard inside a reply that the agent did not send
+                   (Twilio's buffer dry while the reply still came in)
   unanswered       no audible reply before the next turn (or hang-up)
 Levels where the simulator's own clock ran late (max_tick_lag_ms over
 --max-tick-lag-ms) are flagged: their timings carry that lateness.
@@ -166,6 +168,7 @@ def turn_rows(n: int, round_: int, index: int, report, edge_records: list[dict] 
                "voice_to_voice_ms": _r(t.voice_to_voice_ms), "heard_voice_to_voice_ms": _r(t.heard_voice_to_voice_ms),
                "answered": t.voice_to_voice_ms is not None, "reply_audio_ms": _r(t.reply_audio_ms),
                "glitches": int((gaps > GLITCH_GAP_MS).sum()), "reply_max_gap_ms": _r(t.reply_max_gap_ms),
+               "underruns": t.reply_underruns,
                "barge_in": t.barge_in, "clear_after_speech_ms": _r(t.clear_after_speech_ms) if t.barge_in else None}
         if edge_records is not None:
             edge = by_number.get(t.index + 1)  # the edge numbers committed turns from 1
@@ -247,6 +250,7 @@ def summarize(levels: list[dict], args) -> dict:
              "heard_voice_to_voice_ms": stats([r["heard_voice_to_voice_ms"] for r in rows], (50, 95)),
              "glitches": sum(r["glitches"] for r in rows),
              "turns_with_glitches": sum(r["glitches"] > 0 for r in rows),
+             "underruns": sum(r["underruns"] for r in rows),
              "barge_in_clear_ms": stats([r["clear_after_speech_ms"] for r in rows if r["barge_in"]], (50, 95)),
              "max_tick_lag_ms": max(lv["max_tick_lag_ms"] for lv in mine),
              "errors": sum(len(lv["errors"]) for lv in mine),

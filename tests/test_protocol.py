@@ -332,6 +332,38 @@ async def scripted_edge(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def chunked_edge(request: web.Request) -> web.WebSocketResponse:
+    """Answers each caller turn as some agents (Pipecat's Twilio serializer) send: 1100 bytes (137.5 ms) a message
+    every 120 ms, ahead of real time; `?stall_ms=` holds the reply's second half back that much longer."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    stall = float(request.query.get("stall_ms", 0)) / 1000
+    sid, heard, quiet, reply = "", False, 0, None
+
+    async def say():
+        frames = audio.pcm_to_mulaw(tone(1.1, 330))
+        for k, i in enumerate(range(0, len(frames), 1100)):
+            await ws.send_str(protocol.media_message(sid, frames[i:i + 1100]))
+            await asyncio.sleep(0.12 + (stall if k == 3 else 0.0))
+
+    async for msg in ws:
+        m = parse_message(msg.data)
+        if isinstance(m, protocol.Start):
+            sid = m.stream_sid
+        elif isinstance(m, protocol.Media):
+            if audio.mulaw_has_sound(m.media.payload):
+                heard, quiet = True, 0
+            elif heard:
+                quiet += 1
+                if quiet == ENDPOINT_FRAMES:
+                    heard, reply = False, asyncio.create_task(say())
+        elif isinstance(m, protocol.Stop):
+            break
+    if reply:
+        reply.cancel()
+    return ws
+
+
 async def twiml(request: web.Request) -> web.Response:
     s = request.app[SETTINGS]
     form = await request.post()
@@ -352,6 +384,7 @@ async def edge():
     app[LOG] = {"events": [], "starts": [], "marks": [], "url": media_url(app[SETTINGS]),
                 "base": app[SETTINGS].public_url}
     app.router.add_get("/media", scripted_edge)
+    app.router.add_get("/chunked", chunked_edge)
     app.router.add_post("/twiml", twiml)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -423,6 +456,17 @@ async def test_the_webhook_and_the_upgrade_are_signed_like_twilio(edge):
         await run_call(edge["url"], [tone(0.2)], auth_token="wrong")
     with pytest.raises(RuntimeError, match="403"):
         await run_call(None, [tone(0.2)], auth_token="wrong", twiml_url=base + "/twiml")
+
+
+@pytest.mark.parametrize("stall_ms, underruns", [(0, 0), (200, 1)])
+async def test_an_underrun_is_silence_heard_that_the_agent_did_not_send(edge, stall_ms, underruns):
+    """Large messages sent ahead of time arrive far apart yet play without a break; a late one is heard."""
+    url = edge["url"].replace("/media", f"/chunked?stall_ms={stall_ms}")
+    report = await run_call(url, [tone(0.3)], wait_for_greeting=False, pause_ms=100, tail_ms=1500)
+    [turn] = report.turns
+    assert turn.reply_audio_ms == pytest.approx(1100, abs=40)
+    assert turn.reply_max_gap_ms > 100  # every arrival gap would be a glitch to the 60 ms arrival rule
+    assert turn.reply_underruns == underruns, report.starved.astype(int).tolist()
 
 
 def test_the_callers_speech_is_timed_from_its_words_not_the_hiss_around_them():
