@@ -26,9 +26,11 @@ Per agent and N: voice-to-voice (the simulator's: the caller's last frame of
 speech -> the first reply frame with sound), unanswered turns, underruns
 (60 ms+ of silence heard inside a reply that the agent did not send: Pipecat
 sends 137.5 ms a message ahead of time, ours 20 ms, so gaps between arrivals
-do not compare), with --barge-in the caller's onset -> `clear`, and the
-agent's CPU cores (its process trees, over the level). Prints a table, writes
-<out>/compare-<stamp>.json, compare-latest.json and compare-latest.png.
+do not compare), with --barge-in the caller's onset -> `clear` and -> the
+agent quiet as heard, and the agent's CPU cores (its process trees, over the
+level). Prints a table, writes
+<out>/compare-<stamp>.json, compare-latest.json and compare-latest.png
+(compare-barge-in-* with --barge-in).
 """
 
 from __future__ import annotations
@@ -176,18 +178,19 @@ def table(result: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.0f}"
     lines = [f"{'agent':>15} {'calls':>5} {'turns':>5} {'v2v p50':>7} {'v2v p95':>7} {'max':>6} {'unans':>5} "
-             f"{'underrun':>8} {'barge p50':>9} {'barge p95':>9} {'cores':>5}"]
+             f"{'underrun':>8} {'clear p50':>9} {'clear p95':>9} {'quiet p50':>9} {'quiet p95':>9} {'cores':>5}"]
     for name, per_n in result["summary"].items():
         for n, s in per_n.items():
             v = s["voice_to_voice_ms"]
             lines.append(f"{name:>15} {n:>5} {s['turns']:>5} {f(v.get('p50')):>7} {f(v.get('p95')):>7} "
                          f"{f(max((r['voice_to_voice_ms'] for r in _rows(result, name, n) if r['answered']), default=None)):>6} "
                          f"{s['unanswered']:>5} {s['underruns']:>8} {f(s['barge_in_clear_ms'].get('p50')):>9} "
-                         f"{f(s['barge_in_clear_ms'].get('p95')):>9} {s['agent_cores'].get('p50') or 0:>5.2f}")
+                         f"{f(s['barge_in_clear_ms'].get('p95')):>9} {f(s['barge_in_quiet_ms'].get('p50')):>9} "
+                         f"{f(s['barge_in_quiet_ms'].get('p95')):>9} {s['agent_cores'].get('p50') or 0:>5.2f}")
     m = result["machine"]
-    lines.append(f"(ms, the simulator's: last caller speech frame -> first reply frame with sound; barge = caller "
-                 f"onset -> clear; cores = the agent's processes) machine: {m['cpu']}, {m['cores_usable']} cores, "
-                 f"{m['date']}")
+    lines.append(f"(ms, the simulator's: last caller speech frame -> first reply frame with sound; clear / quiet = "
+                 f"caller onset over a reply -> `clear` / the agent quiet as heard; cores = the agent's processes) "
+                 f"machine: {m['cpu']}, {m['cores_usable']} cores, {m['date']}")
     return "\n".join(lines)
 
 
@@ -267,7 +270,7 @@ def main() -> None:
              "logs": str(work)}
     result = {"command": command_line(), "machine": machine, "setup": setup, "levels": levels}
     result["summary"] = summary(levels, args)
-    save_results(result, args.out, "compare", table, plot)
+    save_results(result, args.out, "compare-barge-in" if args.barge_in else "compare", table, plot)
 
 
 if __name__ == "__main__":

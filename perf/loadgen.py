@@ -25,8 +25,8 @@ Per turn:
   stages           the edge's own: endpoint_and_final (its VAD speech end ->
                    final transcript), llm_first_token, first_clause,
                    tts_first_audio, first_frame; and its own voice_to_voice
-  barge-in         caller speech onset -> `clear` (simulator), onset -> clear
-                   sent (edge)
+  barge-in         caller speech onset -> `clear` (simulator), -> the agent
+                   quiet as heard (simulator), onset -> clear sent (edge)
   glitches         gaps > 60 ms between the reply's frames while it plays
   underruns        60 ms+ of silence heard inside a reply that the agent did not send
                    (Twilio's buffer dry while the reply still came in)
@@ -169,7 +169,8 @@ def turn_rows(n: int, round_: int, index: int, report, edge_records: list[dict] 
                "answered": t.voice_to_voice_ms is not None, "reply_audio_ms": _r(t.reply_audio_ms),
                "glitches": int((gaps > GLITCH_GAP_MS).sum()), "reply_max_gap_ms": _r(t.reply_max_gap_ms),
                "underruns": t.reply_underruns,
-               "barge_in": t.barge_in, "clear_after_speech_ms": _r(t.clear_after_speech_ms) if t.barge_in else None}
+               "barge_in": t.barge_in, "clear_after_speech_ms": _r(t.clear_after_speech_ms) if t.barge_in else None,
+               "quiet_after_speech_ms": _r(t.silent_after_speech_ms) if t.barge_in else None}
         if edge_records is not None:
             edge = by_number.get(t.index + 1)  # the edge numbers committed turns from 1
             if edge:
@@ -252,6 +253,7 @@ def summarize(levels: list[dict], args) -> dict:
              "turns_with_glitches": sum(r["glitches"] > 0 for r in rows),
              "underruns": sum(r["underruns"] for r in rows),
              "barge_in_clear_ms": stats([r["clear_after_speech_ms"] for r in rows if r["barge_in"]], (50, 95)),
+             "barge_in_quiet_ms": stats([r["quiet_after_speech_ms"] for r in rows if r["barge_in"]], (50, 95)),
              "max_tick_lag_ms": max(lv["max_tick_lag_ms"] for lv in mine),
              "errors": sum(len(lv["errors"]) for lv in mine),
              "cores_others_max": max(lv["cores"]["others"] for lv in mine)}
