@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +215,12 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def callers_session() -> aiohttp.ClientSession:
+    """One client session for many simulated calls: aiohttp's connector holds at most 100 connections by
+    default, and the 101st call would wait, unanswered, for one of them to close."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
 
 def start_edge(triton_url: str, port: int, log: Path) -> subprocess.Popen:

@@ -58,7 +58,7 @@ import numpy as np
 from edge import audio
 from edge.simulate import CallerTurn, LineNoise, run_call
 from edge.tritonserver import TritonServer, free_port
-from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line, histogram_delta,
+from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, callers_session, command_line, histogram_delta,
                          histogram_quantile, histograms, jitter_and_glitches, machine_cpu, machine_info, reply_gaps,
                          rss_mib, save_results, scrape, start_edge, stats, stop_process, wait_http, wait_quiet)
 from perf.swarm import Prepared, Swarm, prepare
@@ -359,7 +359,7 @@ async def run(args, edge_url: str, metrics_url: str, triton_metrics_url: str, pi
     pool = recordings_8k(args.max_recording_s, line_noise)
     lag = LoopLag().start()
     results = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with callers_session() as session:
         swarm = Swarm(session, line_noise)
         for n in args.levels:
             for attempt in range(1, args.retries + 2):

@@ -52,15 +52,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 
 from edge import audio
 from edge.simulate import CallerTurn, run_call
 from edge.tritonserver import free_port
-from perf.common import (GLITCH_GAP_MS, ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, command_line,
-                         histogram_delta, histogram_quantile, histograms, machine_cpu, machine_info, reply_gaps,
-                         save_results, scrape, stats, wait_quiet)
+from perf.common import (GLITCH_GAP_MS, ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, callers_session,
+                         command_line, histogram_delta, histogram_quantile, histograms, machine_cpu, machine_info,
+                         reply_gaps, save_results, scrape, stats, wait_quiet)
 from tests.speech import recordings
 
 STAGES = ("endpoint_and_final", "llm_first_token", "first_clause", "tts_first_audio", "first_frame")
@@ -202,7 +201,7 @@ async def level(n: int, round_: int, args, pool, url: str, edge_metrics: str | N
         return await run_call(url, turns, session=session, reply_timeout_s=args.reply_timeout,
                               timeout_s=args.call_timeout, line_noise_dbfs=args.line_noise_dbfs)
 
-    async with aiohttp.ClientSession() as session:
+    async with callers_session() as session:
         reports = await asyncio.gather(*(one(i, p) for i, p in enumerate(plans)), return_exceptions=True)
     await asyncio.sleep(0.5)  # the last turn's record is logged once its reply has played
     wall = time.monotonic() - t0

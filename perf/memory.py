@@ -32,11 +32,10 @@ import threading
 import time
 from pathlib import Path
 
-import aiohttp
 
 from edge.simulate import run_call
 from edge.tritonserver import TritonServer, free_port
-from perf.common import (ROOT, children, command_line, machine_info, pss_mib, rss_mib, save_results, start_edge,
+from perf.common import (ROOT, callers_session, children, command_line, machine_info, pss_mib, rss_mib, save_results, start_edge,
                          stop_process, wait_http)
 from perf.loadgen import STAGGER_S, caller_pool, plan_calls
 
@@ -108,7 +107,7 @@ async def rounds(args, url: str, pids: dict[str, int], sampler: Sampler) -> list
     pool = caller_pool(args.max_recording_s)
     rng = random.Random(args.seed)
     out = []
-    async with aiohttp.ClientSession() as session:
+    async with callers_session() as session:
         for n in args.calls:
             for round_ in range(1, args.rounds + 1):
                 print(f"{n} call(s), round {round_} ...", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from edge import audio, protocol
 from edge.tritonserver import free_port
-from perf.common import ROOT, CpuTracker, command_line, machine_info, save_results, wait_http
+from perf.common import ROOT, CpuTracker, callers_session, command_line, machine_info, save_results, wait_http
 
 FRAME_S = audio.FRAME_MS / 1000
 SID = "MZ00000000000000000000000000000000"
@@ -69,7 +69,7 @@ def serve(port: int, outbound: bool) -> None:
 
 async def drive(url: str, calls: int, seconds: float, cpu: CpuTracker) -> float:
     """`calls` Twilio-like callers on one 20 ms clock; the server's cores over the last `seconds`."""
-    async with aiohttp.ClientSession() as session:
+    async with callers_session() as session:
         sockets = [await session.ws_connect(url) for _ in range(calls)]
         readers = [asyncio.create_task(_drain(ws)) for ws in sockets]
         start = time.monotonic()
