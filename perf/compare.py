@@ -182,11 +182,11 @@ def table(result: dict) -> str:
     for name, per_n in result["summary"].items():
         for n, s in per_n.items():
             v = s["voice_to_voice_ms"]
-            lines.append(f"{name:>15} {n:>5} {s['turns']:>5} {f(v.get('p50')):>7} {f(v.get('p95')):>7} "
-                         f"{f(max((r['voice_to_voice_ms'] for r in _rows(result, name, n) if r['answered']), default=None)):>6} "
-                         f"{s['unanswered']:>5} {s['underruns']:>8} {f(s['barge_in_clear_ms'].get('p50')):>9} "
-                         f"{f(s['barge_in_clear_ms'].get('p95')):>9} {f(s['barge_in_quiet_ms'].get('p50')):>9} "
-                         f"{f(s['barge_in_quiet_ms'].get('p95')):>9} {s['agent_cores'].get('p50') or 0:>5.2f}")
+            longest = max((r["voice_to_voice_ms"] for r in _rows(result, name, n) if r["answered"]), default=None)
+            barge = " ".join(f"{f(s[key].get(q)):>9}" for key in ("barge_in_clear_ms", "barge_in_quiet_ms")
+                             for q in ("p50", "p95"))
+            lines.append(f"{name:>15} {n:>5} {s['turns']:>5} {f(v.get('p50')):>7} {f(v.get('p95')):>7} {f(longest):>6} "
+                         f"{s['unanswered']:>5} {s['underruns']:>8} {barge} {s['agent_cores'].get('p50') or 0:>5.2f}")
     m = result["machine"]
     lines.append(f"(ms, the simulator's: last caller speech frame -> first reply frame with sound; clear / quiet = "
                  f"caller onset over a reply -> `clear` / the agent quiet as heard; cores = the agent's processes) "

@@ -58,9 +58,10 @@ import numpy as np
 from edge import audio
 from edge.simulate import CallerTurn, LineNoise, run_call
 from edge.tritonserver import TritonServer, free_port
-from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, callers_session, command_line, histogram_delta,
-                         histogram_quantile, histograms, jitter_and_glitches, machine_cpu, machine_info, reply_gaps,
-                         rss_mib, save_results, scrape, start_edge, stats, stop_process, wait_http, wait_quiet)
+from perf.common import (ROOT, CpuTracker, GcPauses, LoopLag, busy_processes, callers_session, command_line,
+                         histogram_delta, histogram_quantile, histograms, jitter_and_glitches, machine_cpu,
+                         machine_info, reply_gaps, rss_mib, save_results, scrape, start_edge, stats, stop_process,
+                         wait_http, wait_quiet)
 from perf.swarm import Prepared, Swarm, prepare
 from tests.metrics import Metrics
 from tests.speech import recordings

@@ -32,11 +32,10 @@ import threading
 import time
 from pathlib import Path
 
-
 from edge.simulate import run_call
 from edge.tritonserver import TritonServer, free_port
-from perf.common import (ROOT, callers_session, children, command_line, machine_info, pss_mib, rss_mib, save_results, start_edge,
-                         stop_process, wait_http)
+from perf.common import (ROOT, callers_session, children, command_line, machine_info, pss_mib, rss_mib, save_results,
+                         start_edge, stop_process, wait_http)
 from perf.loadgen import STAGGER_S, caller_pool, plan_calls
 
 STUB = "triton_python_backend_stub"
