@@ -124,9 +124,11 @@ async def test_two_simultaneous_calls_hear_only_their_own_replies_even_with_the_
     assert aggregate_wer(pairs) < 0.5, pairs
     said_a, said_b = said
     heard_a, heard_b = await asyncio.gather(transcribe(triton.grpc_url, a.heard), transcribe(triton.grpc_url, b.heard))
-    # each socket carried the reply written for its own caller, not the other's: the pairing as sent fits what
-    # was heard better than the swapped one (summed, so that a one-word reply the asr hears as nothing, like
-    # "Werewolves.", leaves the other call to tell them apart)
+    # each socket carried the reply written for its own caller, not the other's: no socket's audio is nearer the
+    # other reply than its own, and the pairing as sent fits better than the swapped one (a one-word reply the
+    # asr hears as nothing, like "Werewolves.", ties on its own socket and leaves the other to tell them apart)
+    assert wer(said_a, heard_a) <= wer(said_b, heard_a), (said_a, said_b, heard_a)
+    assert wer(said_b, heard_b) <= wer(said_a, heard_b), (said_a, said_b, heard_b)
     as_sent = wer(said_a, heard_a) + wer(said_b, heard_b)
     swapped = wer(said_b, heard_a) + wer(said_a, heard_b)
     assert as_sent < swapped, (said_a, said_b, heard_a, heard_b)
