@@ -148,7 +148,7 @@ async def speech_call(url: str, metrics_url: str, log: EdgeLog, run: int, line_n
             sample["partials_before_clear"] = [(round((m - onset) * 1000), e["text"]) for m, e in events
                                                if e["type"] == "partial"]
             for model in ("llm", "tts"):
-                if cancels.active_before(model, clear_unix):
+                if cancels.in_flight_at(model, clear_unix):
                     stop = cancels.stop_after(model, clear_unix, within=CANCEL_WITHIN_S)
                     sample[f"clear_to_{model}_stop_ms"] = round((stop - clear_unix) * 1000, 1) if stop else None
                     sample[f"{model}_cancelled"] = stop is not None

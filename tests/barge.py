@@ -212,9 +212,13 @@ class CancelWatch:
         before = [s for s in self.samples if s.at <= unix_t]
         return before[-1] if before else self.samples[0]
 
-    def active_before(self, model: str, unix_t: float) -> bool:
-        """Whether `model` was working on a request at the last scrape before `unix_t`."""
-        return self._before(unix_t).active[model] > 0
+    def in_flight_at(self, model: str, unix_t: float) -> bool:
+        """Whether `model` was working on a request at `unix_t`: at the last scrape before it, and still at the
+        first scrape after it or cancelled since. tts requests are short (one clause, synthesized just in time),
+        so the one seen at the last scrape can end by itself before `unix_t`: that one had nothing to cancel."""
+        after = next((s for s in self.samples if s.sent > unix_t), None)
+        return self._before(unix_t).active[model] > 0 and (
+            (after is not None and after.active[model] > 0) or self.cancelled_since(model, unix_t) > 0)
 
     def cancelled_since(self, model: str, unix_t: float) -> float:
         """Requests of `model` cancelled from `unix_t` to the last scrape."""

@@ -120,7 +120,7 @@ async def test_speech_over_a_reply_stops_it_cancels_its_requests_and_keeps_only_
 
     # the turn's llm and tts requests were cancelled on the server, and their engines stopped soon after
     at = clear_unix(report, clear)
-    in_flight = [m for m in ("llm", "tts") if cancels.active_before(m, at)]
+    in_flight = [m for m in ("llm", "tts") if cancels.in_flight_at(m, at)]
     assert in_flight, "neither llm nor tts was working when the caller interrupted: the reply was too short"
     for model in in_flight:
         stop = cancels.stop_after(model, at, within=2 * CANCEL_STOP_LIMIT_S)
