@@ -127,11 +127,11 @@ async def test_two_simultaneous_calls_hear_only_their_own_replies_even_with_the_
     # each socket carried the reply written for its own caller, not the other's: no socket's audio is nearer the
     # other reply than its own, and the pairing as sent fits better than the swapped one (a one-word reply the
     # asr hears as nothing, like "Werewolves.", ties on its own socket and leaves the other to tell them apart)
-    assert wer(said_a, heard_a) <= wer(said_b, heard_a), (said_a, said_b, heard_a)
-    assert wer(said_b, heard_b) <= wer(said_a, heard_b), (said_a, said_b, heard_b)
-    as_sent = wer(said_a, heard_a) + wer(said_b, heard_b)
-    swapped = wer(said_b, heard_a) + wer(said_a, heard_b)
-    assert as_sent < swapped, (said_a, said_b, heard_a, heard_b)
+    own_a, other_a, own_b, other_b = (wer(said_a, heard_a), wer(said_b, heard_a), wer(said_b, heard_b),
+                                      wer(said_a, heard_b))
+    assert own_a <= other_a, (said_a, said_b, heard_a)
+    assert own_b <= other_b, (said_a, said_b, heard_b)
+    assert own_a + own_b < other_a + other_b, (said_a, said_b, heard_a, heard_b)  # as sent vs swapped
 
 
 async def test_malformed_messages_are_dropped_and_too_many_end_only_their_own_call(edge):
